@@ -1,0 +1,32 @@
+# mplus_lightning — `make help` lists the targets.
+PY      := .venv/bin/python
+STAMP   := .venv/.installed
+# torch first, pinned: on this kind of machine 2.13.0 is a local CPU build; a bare `torch` would pull CUDA wheels.
+TORCH   ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: help setup test demo bench tiny stage1 stage2 stage3 clean
+
+help:  ## show this help
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)  ## create .venv and install the package (idempotent)
+
+test: setup  ## run the whole test suite (what CI runs)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: setup  ## the embedded default: tiny M+ on CPU — inject facts, read them back, print a table
+	$(PY) -m mplus_lightning.demo
+
+bench: setup  ## inference benchmark at the `mid` shape (prints JSON)
+	$(PY) -m mplus_lightning.bench inference --shape mid
+
+clean:  ## remove generated outputs (keeps .venv)
+	rm -rf checkpoints/runs bench_out data/generated

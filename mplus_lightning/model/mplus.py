@@ -1,0 +1,409 @@
+"""MPlus: a transformers LlamaForCausalLM whose decoder layers read a memory prefix (write / inject / read / generate).
+
+Every pass loops over the HF decoder layers. Memory rows act only as keys/values: a layer's memory prefix
+`[bos_l ; rows]` goes through that layer's RMSNorm_in and k/v projections (with the active LoRA adapter) and RoPE at
+the rows' positions, and is placed in the KV cache before the layer runs on the real tokens. Real tokens attend
+to every prefix row and causally to each other (bottom-right aligned). See research/model.md §4-5.
+
+Sequence layouts (positions):
+  write  [bos 0 ; previous block 1..K ; chunk K+1..K+n]; the new memory embedding e is added to the last K query rows
+         at every layer; if n < K the last K-n previous rows are re-processed as queries (model.md §4.1).
+  read   [bos 0 ; retrieved LTM rows, oldest first, ending at K0 ; STM row of rank r at 1+K0+r ; prompt 1+K0+N...].
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import LlamaForCausalLM
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, rotate_half
+
+from .adapters import READ, WRITE, activate, add_lora_adapters, lora_modules
+from .configuration import MPlusConfig
+from .memory import MemoryState
+from .retriever import Retriever, mean_sigmoid_scores, select_oldest_first
+
+MIN_CHUNK_TOKENS = 16  # the official README's "hard minimum"; shorter chunks disturb the memory
+
+
+class MemoryKVCache:
+    """Per-layer key/value cache that starts with a memory prefix. Called by HF attention as `cache.update`.
+
+    With `capacity` the buffers are preallocated (generation: no re-concatenation per token); without, the prefix and
+    the query K/V are concatenated once (write and training passes, where autograd must see plain ops).
+    """
+
+    def __init__(self, num_layers: int, capacity: int | None = None):
+        self.capacity = capacity
+        self.keys: list[torch.Tensor | None] = [None] * num_layers
+        self.values: list[torch.Tensor | None] = [None] * num_layers
+        self.lengths = [0] * num_layers
+
+    def _put(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = self.lengths[layer]
+        if self.capacity is None:
+            if self.keys[layer] is not None:
+                k, v = torch.cat([self.keys[layer], k], 2), torch.cat([self.values[layer], v], 2)
+            self.keys[layer], self.values[layer], self.lengths[layer] = k, v, k.shape[2]
+            return k, v
+        if self.keys[layer] is None:
+            B, H, _, D = k.shape
+            self.keys[layer] = k.new_empty(B, H, self.capacity, D)
+            self.values[layer] = v.new_empty(B, H, self.capacity, D)
+        end = n + k.shape[2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache of {self.capacity} positions overflows at {end}")
+        self.keys[layer][:, :, n:end] = k
+        self.values[layer][:, :, n:end] = v
+        self.lengths[layer] = end
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self._put(layer, k, v)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        return self._put(layer_idx, key_states, value_states)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.lengths[layer_idx]
+
+
+def bottom_right_causal_mask(q: int, total: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """[1, 1, q, total] additive mask: query i sees keys 0 .. total-q+i (every prefix row and itself)."""
+    i = torch.arange(q, device=device)[:, None]
+    j = torch.arange(total, device=device)[None, :]
+    mask = torch.zeros(q, total, dtype=dtype, device=device)
+    mask.masked_fill_(j > i + (total - q), torch.finfo(dtype).min)
+    return mask[None, None]
+
+
+class MemoryDecoderLayer(LlamaDecoderLayer):
+    """A transformers LlamaDecoderLayer that also owns its memory BOS vector and (M+) its retriever.
+
+    Its forward builds the memory prefix *inside* the layer, so that under FSDP the layer's parameters are gathered
+    when the memory K/V and the retrieval are computed, and activation checkpointing recomputes with the same adapter.
+    """
+
+    memory_bos: nn.Parameter
+    retriever: Retriever | None
+
+    @classmethod
+    def convert(cls, layer: LlamaDecoderLayer, config: MPlusConfig) -> "MemoryDecoderLayer":
+        """Turn an HF decoder layer into a MemoryDecoderLayer in place (weights and parameter names unchanged)."""
+        layer.__class__ = cls
+        d = config.hidden_size
+        layer.memory_bos = nn.Parameter(torch.zeros(d))
+        layer.retriever = (Retriever(d, config.selector_hidden_dim, config.num_selector_layers,
+                                     config.add_encoder_retriever) if config.add_selector else None)
+        layer._lora_cache = None
+        return layer
+
+    def lora(self):
+        if self._lora_cache is None:
+            self._lora_cache = lora_modules(self)
+        return self._lora_cache
+
+    def memory_kv(self, rows: torch.Tensor, positions: torch.Tensor, rotary: nn.Module
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys/values of memory rows [B, p, d] at RoPE `positions` [B, p] -> ([B, Hkv, p, hd], same)."""
+        attn = self.self_attn
+        B, p, _ = rows.shape
+        u = self.input_layernorm(rows)
+        k = attn.k_proj(u).view(B, p, -1, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(u).view(B, p, -1, attn.head_dim).transpose(1, 2)
+        cos, sin = rotary(u, positions)
+        k = k * cos[:, None] + rotate_half(k) * sin[:, None]
+        return k, v
+
+    def forward(self, hidden_states, *, adapter: str, position_embeddings, rotary: nn.Module,
+                cache: MemoryKVCache, prefix=None):
+        """Run the layer on `hidden_states` [B, q, d] with `adapter` active.
+
+        `prefix` is None (decode step: everything is in the cache already), or a callable
+        `prefix(layer, hidden_states) -> (rows [B|1, p, d], positions [B|1, p])` of memory rows; the layer prepends
+        its BOS vector at position 0 and puts their K/V into `cache` first.
+        """
+        activate(self.lora(), adapter)
+        B, q, _ = hidden_states.shape
+        idx = self.self_attn.layer_idx
+        if prefix is not None:
+            rows, positions = prefix(self, hidden_states)
+            bos = self.memory_bos.to(rows.dtype).expand(rows.shape[0], 1, -1)
+            rows = torch.cat([bos, rows], dim=1)
+            positions = torch.cat([positions.new_zeros(positions.shape[0], 1), positions], dim=1)
+            k, v = self.memory_kv(rows, positions, rotary)
+            if k.shape[0] != B:
+                k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
+            cache.prefill(idx, k, v)
+        total = cache.get_seq_length(idx) + q
+        mask = bottom_right_causal_mask(q, total, hidden_states.dtype, hidden_states.device) if q > 1 else None
+        return super().forward(hidden_states, attention_mask=mask, cache=cache,
+                               position_embeddings=position_embeddings)
+
+
+class MPlus(nn.Module):
+    """M+ (or MemoryLLM with `num_ltm_blocks=0`) over transformers' LlamaForCausalLM.
+
+    The model owns weights only; memory is a `MemoryState` passed in. Public methods run without gradients:
+        delta = model.write(memory, ids)       # [L, K, d] new rows of the update pass; memory unchanged
+        model.inject(memory, ids)              # write + commit (K rows per layer leave, to the LTM), in place
+        logits = model.read(memory, ids)       # [B, n, V]
+        ids = model.generate(memory, ids, max_new_tokens=20)
+    """
+
+    def __init__(self, config: MPlusConfig):
+        super().__init__()
+        self.config = config
+        self.llama = LlamaForCausalLM(config.llama_config())
+        for layer in self.llama.model.layers:
+            MemoryDecoderLayer.convert(layer, config)
+        self.adapters = (WRITE, READ) if config.two_adapters else (WRITE,)
+        self.read_adapter = READ if config.two_adapters else WRITE
+        add_lora_adapters(self.llama.model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                          targets=config.lora_targets, names=self.adapters)
+        self.new_memory_embedding = nn.Parameter(torch.zeros(config.hidden_size))
+        self._init_memory_parameters()
+        self.freeze_backbone()
+
+    # ---- construction helpers --------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _init_memory_parameters(self) -> None:
+        """BOS vectors start as the BOS token's embedding (official training); retriever/LoRA keep their inits."""
+        bos_id = self.llama.config.bos_token_id
+        emb = self.llama.model.embed_tokens.weight
+        for layer in self.layers:
+            if bos_id is not None and 0 <= bos_id < emb.shape[0] and emb.device.type != "meta":
+                layer.memory_bos.copy_(emb[bos_id])
+
+    def freeze_backbone(self) -> None:
+        """Train only what the official stages train: both adapters, BOS vectors, e, and the retrievers."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(("lora_" in name) or name.endswith("memory_bos") or "retriever" in name
+                             or name == "new_memory_embedding")
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.llama.model.layers
+
+    @property
+    def rotary(self) -> nn.Module:
+        return self.llama.model.rotary_emb
+
+    @property
+    def device(self) -> torch.device:
+        return self.new_memory_embedding.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.new_memory_embedding.dtype
+
+    # ---- input checks ------------------------------------------------------------------------------------------
+    def _check_ids(self, input_ids, what: str, *, single: bool = False) -> torch.Tensor:
+        if not torch.is_tensor(input_ids):
+            input_ids = torch.as_tensor(input_ids)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        if input_ids.dim() != 2:
+            raise ValueError(f"{what}: input_ids must be [batch, tokens], got shape {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.long, torch.int, torch.int32, torch.int16):
+            raise ValueError(f"{what}: input_ids must be integer token ids, got {input_ids.dtype}")
+        if input_ids.shape[1] == 0:
+            raise ValueError(f"{what}: the input is empty (0 tokens)")
+        if single and input_ids.shape[0] != 1:
+            raise ValueError(f"{what}: writes take one chunk at a time (batch 1), got batch {input_ids.shape[0]}: "
+                             "one memory absorbs one text stream; loop over chunks, or use one MemoryState per stream")
+        vocab = self.llama.config.vocab_size
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"{what}: token id {lo if lo < 0 else hi} is outside the vocabulary [0, {vocab})")
+        bos = self.llama.config.bos_token_id
+        if bos is not None and bool((input_ids[:, 0] == bos).any()):
+            raise ValueError(f"{what}: the input starts with the BOS token ({bos}). Each layer already has a learned "
+                             "BOS vector; tokenize with add_special_tokens=False")
+        return input_ids.to(self.device, torch.long)
+
+    def _check_memory(self, memory: MemoryState) -> None:
+        if not isinstance(memory, MemoryState):
+            raise TypeError(f"expected a MemoryState, got {type(memory).__name__}")
+        memory.check_compatible(self.config)
+        if memory.device != self.device or memory.dtype != self.dtype:
+            raise ValueError(f"memory is {memory.dtype} on {memory.device} but the model is {self.dtype} on "
+                             f"{self.device}: call memory.to(device, dtype) first")
+
+    def new_memory(self, seed: int = 0) -> MemoryState:
+        """A fresh, uninitialised memory for this model (the first write fills the pool)."""
+        return MemoryState.empty_like_config(self.config, dtype=self.dtype, device=self.device, seed=seed)
+
+    # ---- the passes --------------------------------------------------------------------------------------------
+    def _embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.llama.model.embed_tokens(ids)
+
+    def _positions(self, h: torch.Tensor, start: int, length: int | None = None):
+        """RoPE (cos, sin) for `length` (default: h's) consecutive positions from `start`."""
+        pos = torch.arange(start, start + (length or h.shape[1]), device=h.device)[None]
+        return self.rotary(h, pos)
+
+    def _write_layers(self, h: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """Update pass over chunk states h [1, n, d] with previous blocks [L, K, d] -> delta [L, K, d]."""
+        K, n = self.config.num_tokens, h.shape[1]
+        e = self.new_memory_embedding.to(h.dtype)
+        p = min(K, n)                           # previous rows in the prefix (plus BOS)
+        q = max(K, n)                           # query rows
+        pos = self._positions(h, 1 + p, q)
+        prefix_pos = torch.arange(1, 1 + p, device=h.device)[None]
+        cache = MemoryKVCache(len(self.layers))
+        deltas = []
+        for l, layer in enumerate(self.layers):
+            old = previous[l][None]
+            if n >= K:
+                query = torch.cat([h[:, : n - K], h[:, n - K:] + e], dim=1)
+            else:
+                query = torch.cat([old[:, n:], h], dim=1) + e
+            out = layer(query, adapter=WRITE, position_embeddings=pos, rotary=self.rotary, cache=cache,
+                        prefix=lambda _layer, _h, rows=old[:, :p]: (rows, prefix_pos))
+            deltas.append(out[:, -K:])
+            h = out[:, -n:]
+        return torch.cat(deltas, dim=0)
+
+    def _read_prefix(self, memory: MemoryState, layer_idx: int, retrieved: list | None):
+        """The callable that builds layer l's read prefix: retrieved LTM rows (oldest first) then the STM pool."""
+        cfg = self.config
+        K0, N = cfg.ltm_read_rows, memory.size
+        stm_rows = memory.rows[layer_idx][None]
+        stm_pos = (1 + K0 + memory.ranks[layer_idx])[None]
+        ltm = memory.ltm if cfg.has_ltm else None
+
+        def prefix(layer: MemoryDecoderLayer, h: torch.Tensor):
+            if ltm is None or ltm.size == 0:
+                return stm_rows, stm_pos
+            rows, keys, ages = ltm.view(layer_idx)
+            queries = layer.retriever.query_proj(layer.input_layernorm(h))
+            idx = select_oldest_first(mean_sigmoid_scores(queries, keys.to(queries.dtype)), ages, K0)  # [B, m]
+            if retrieved is not None:
+                retrieved.append(idx)
+            B, m = idx.shape
+            picked = rows[idx].to(h.dtype)                                            # [B, m, d]
+            # Fewer than K0 stored rows: they sit right before the STM, so the STM and prompt keep their positions.
+            ltm_pos = torch.arange(1 + K0 - m, 1 + K0, device=h.device).expand(B, m)
+            return (torch.cat([picked, stm_rows.expand(B, -1, -1)], 1),
+                    torch.cat([ltm_pos, stm_pos.expand(B, -1)], 1))
+        return prefix
+
+    def prefix_length(self, memory: MemoryState) -> int:
+        """Memory rows (BOS included) in front of a read: 1 + min(K0, stored LTM rows) + N."""
+        m = min(self.config.ltm_read_rows, memory.ltm.size) if (self.config.has_ltm and memory.ltm) else 0
+        return 1 + m + memory.size
+
+    def _read_layers(self, memory: MemoryState, h: torch.Tensor, cache: MemoryKVCache,
+                     retrieved: list | None = None) -> torch.Tensor:
+        pos = self._positions(h, 1 + self.config.ltm_read_rows + memory.size)
+        for l, layer in enumerate(self.layers):
+            h = layer(h, adapter=self.read_adapter, position_embeddings=pos, rotary=self.rotary, cache=cache,
+                      prefix=self._read_prefix(memory, l, retrieved))
+        return h
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.llama.lm_head(self.llama.model.norm(h))
+
+    # ---- public API --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def write(self, memory: MemoryState, input_ids) -> torch.Tensor:
+        """The update pass: [L, K, d] new memory rows for the chunk `input_ids` [1, n]. Memory is unchanged."""
+        self._check_memory(memory)
+        ids = self._check_ids(input_ids, "write", single=True)
+        if ids.shape[1] < MIN_CHUNK_TOKENS:
+            warnings.warn(f"writing a chunk of {ids.shape[1]} tokens (< {MIN_CHUNK_TOKENS}): the official model "
+                          "was trained on chunks of 16-512 tokens; short chunks re-process old memory rows and "
+                          "disturb the memory", stacklevel=2)
+        return self._write_layers(self._embed(ids), memory.newest_block())
+
+    @torch.no_grad()
+    def inject(self, memory: MemoryState, input_ids, generator: torch.Generator | None = None) -> MemoryState:
+        """Write the chunk and commit it: per layer K random rows leave (to the long-term memory), in place."""
+        delta = self.write(memory, input_ids)
+        memory.commit(delta, keys_fn=self.ltm_keys if memory.ltm is not None else None, generator=generator,
+                      per_layer=self.config.drop_memory_per_layer)
+        return memory
+
+    def ltm_keys(self, rows: torch.Tensor) -> torch.Tensor:
+        """Retrieval keys f_k(RMSNorm_in(row)) of rows [L, k, d] -> [L, k, s], each layer with its own f_k."""
+        return torch.stack([layer.retriever.key_proj(layer.input_layernorm(rows[l].to(self.dtype)))
+                            for l, layer in enumerate(self.layers)])
+
+    @torch.no_grad()
+    def read(self, memory: MemoryState, input_ids, *, logits_to_keep: int = 0, return_retrieved: bool = False):
+        """Logits [B, n, V] of the read pass over `input_ids` against the memory (last `logits_to_keep` if > 0).
+
+        With `return_retrieved`, also returns [L, B, m] indices of the long-term rows each layer read (oldest first).
+        """
+        self._check_memory(memory)
+        ids = self._check_ids(input_ids, "read")
+        retrieved: list = []
+        h = self._read_layers(memory, self._embed(ids), MemoryKVCache(len(self.layers)), retrieved)
+        logits = self._logits(h[:, -logits_to_keep:] if logits_to_keep else h)
+        if return_retrieved:
+            return logits, (torch.stack(retrieved) if retrieved else None)
+        return logits
+
+    @torch.no_grad()
+    def generate(self, memory: MemoryState, input_ids, max_new_tokens: int = 20, *, do_sample: bool = False,
+                 temperature: float = 1.0, top_k: int | None = None, eos_token_id: int | None = -1,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Prompt followed by up to `max_new_tokens` new ids, greedy unless `do_sample`. [B, n + new].
+
+        Retrieval happens once, at the prefill; decode steps attend to the cache. Stops when every row has produced
+        `eos_token_id` (default: the config's; None never stops); finished rows are padded with it.
+        """
+        self._check_memory(memory)
+        ids = self._check_ids(input_ids, "generate")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if do_sample and temperature <= 0:
+            raise ValueError("temperature must be > 0 when sampling; use do_sample=False for greedy decoding")
+        eos = self.llama.config.eos_token_id if eos_token_id == -1 else eos_token_id
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0]
+        B, n = ids.shape
+        cache = MemoryKVCache(len(self.layers), capacity=self.prefix_length(memory) + n + max_new_tokens)
+        h = self._read_layers(memory, self._embed(ids), cache)
+        logits = self._logits(h[:, -1])
+        out, finished = [ids], torch.zeros(B, dtype=torch.bool, device=ids.device)
+        position = 1 + self.config.ltm_read_rows + memory.size + n
+        for step in range(max_new_tokens):
+            if do_sample:
+                scores = logits.float() / temperature
+                if top_k:
+                    kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[:, -1:]
+                    scores = scores.masked_fill(scores < kth, float("-inf"))
+                token = torch.multinomial(torch.softmax(scores, -1), 1, generator=generator)[:, 0]
+            else:
+                token = logits.argmax(-1)
+            if eos is not None:
+                token = torch.where(finished, torch.full_like(token, eos), token)
+                finished |= token == eos
+            out.append(token[:, None])
+            if step == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
+                break
+            h = self._embed(token[:, None])
+            pos = self._positions(h, position)
+            for layer in self.layers:
+                h = layer(h, adapter=self.read_adapter, position_embeddings=pos, rotary=self.rotary, cache=cache)
+            logits = self._logits(h[:, -1])
+            position += 1
+        return torch.cat(out, dim=1)
+
+    # ---- persistence ------------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu") -> "MPlus":
+        """Load an official release directory (MPlus / MemoryLLM) or one written by `save_pretrained`."""
+        from .official import load_model
+        return load_model(path, dtype=dtype, device=device)
+
+    def save_pretrained(self, out_dir: str | Path, memory: MemoryState | None = None) -> None:
+        """A self-contained directory: config.json, model.safetensors (our names) and memory/ (if given)."""
+        from .official import save_model
+        save_model(self, out_dir, memory)
