@@ -37,7 +37,11 @@ def lora_modules(module: nn.Module) -> list[BaseTunerLayer]:
     return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
 
 
-def activate(modules: list[BaseTunerLayer], adapter: str) -> None:
-    """Make `adapter` the only active one in these LoRA modules (no requires_grad side effects)."""
+def activate(modules: list[BaseTunerLayer], adapter: str | None) -> None:
+    """Make `adapter` the only active one in these LoRA modules (None: none, the base weights alone).
+
+    Writes peft's private `_active_adapter` instead of calling `set_adapter`, which has requires_grad side effects.
+    """
+    active = [adapter] if adapter is not None else []
     for m in modules:
-        m._active_adapter = [adapter]
+        m._active_adapter = active

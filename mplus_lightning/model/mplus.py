@@ -118,7 +118,7 @@ class MemoryDecoderLayer(LlamaDecoderLayer):
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
         return k, v
 
-    def forward(self, hidden_states, *, adapter: str, position_embeddings, rotary: nn.Module,
+    def forward(self, hidden_states, *, adapter: str | None, position_embeddings, rotary: nn.Module,
                 cache: MemoryKVCache, prefix=None):
         """Run the layer on `hidden_states` [B, q, d] with `adapter` active.
 
@@ -317,7 +317,7 @@ class MPlus(nn.Module):
         if ids.shape[1] < MIN_CHUNK_TOKENS:
             warnings.warn(f"writing a chunk of {ids.shape[1]} tokens (< {MIN_CHUNK_TOKENS}): the official model "
                           "was trained on chunks of 16-512 tokens; short chunks re-process old memory rows and "
-                          "disturb the memory", stacklevel=2)
+                          "disturb the memory", stacklevel=3)
         return self._write_layers(self._embed(ids), memory.newest_block())
 
     @torch.no_grad()
@@ -347,6 +347,19 @@ class MPlus(nn.Module):
         if return_retrieved:
             return logits, (torch.stack(retrieved) if retrieved else None)
         return logits
+
+    @torch.no_grad()
+    def backbone_logits(self, input_ids, *, adapter: str | None = None) -> torch.Tensor:
+        """Logits [B, n, V] of the plain Llama on `input_ids` (positions from 0, no memory, no BOS vector).
+
+        `adapter=None` runs the base weights alone (equal to HF LlamaForCausalLM); the plain-window baseline.
+        """
+        ids = self._check_ids(input_ids, "backbone_logits")
+        h = self._embed(ids)
+        pos, cache = self._positions(h, 0), MemoryKVCache(len(self.layers))
+        for layer in self.layers:
+            h = layer(h, adapter=adapter, position_embeddings=pos, rotary=self.rotary, cache=cache)
+        return self._logits(h)
 
     @torch.no_grad()
     def generate(self, memory: MemoryState, input_ids, max_new_tokens: int = 20, *, do_sample: bool = False,

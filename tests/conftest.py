@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny random models and the official fixtures copied from ../shared/fixtures/official."""
+from pathlib import Path
+
+import pytest
+import torch
+
+from mplus_lightning import MPlus, tiny_config
+
+FIXTURES = Path(__file__).parent / "fixtures" / "official"
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield
+
+
+def randomize_adapters(model: MPlus, scale: float = 0.05, seed: int = 1) -> MPlus:
+    """LoRA B starts at zero (adapters are no-ops); give every trainable weight random values so tests see them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def random_ids(n: int, batch: int = 1, vocab: int = 512, seed: int = 0) -> torch.Tensor:
+    """Token ids without the special ids 0-2 (no BOS at position 0)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (batch, n), generator=g)
+
+
+@pytest.fixture
+def tiny_model():
+    torch.manual_seed(0)
+    return randomize_adapters(MPlus(tiny_config()).eval())
+
+
+@pytest.fixture
+def tiny_memoryllm():
+    torch.manual_seed(0)
+    return randomize_adapters(MPlus(tiny_config(num_ltm_blocks=0, num_blocks=5)).eval())

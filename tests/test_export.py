@@ -1,0 +1,87 @@
+"""Round trips: our export, the official layout, sharded safetensors, and a plain HF Llama directory."""
+import json
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import LlamaForCausalLM
+
+from mplus_lightning import MemoryState, MPlus, tiny_config
+from mplus_lightning.model.official import load_llama, save_official
+
+from .conftest import FIXTURES, random_ids
+
+
+def trained_like(model):
+    mem = model.new_memory()
+    for i in range(6):
+        model.inject(mem, random_ids(20, seed=i), generator=torch.Generator().manual_seed(i))
+    return mem
+
+
+def same_behaviour(a, mem_a, b, mem_b):
+    ids = random_ids(12, seed=9)
+    torch.testing.assert_close(b.read(mem_b, ids), a.read(mem_a, ids), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(b.write(mem_b, random_ids(20, seed=8)), a.write(mem_a, random_ids(20, seed=8)))
+
+
+def test_save_pretrained_round_trip_with_memory(tmp_path, tiny_model):
+    mem = trained_like(tiny_model)
+    tiny_model.save_pretrained(tmp_path / "export", memory=mem)
+    model = MPlus.from_pretrained(tmp_path / "export")
+    memory = MemoryState.from_pretrained(tmp_path / "export")
+    same_behaviour(tiny_model, mem, model, memory)
+    assert torch.equal(memory.ranks, mem.ranks) and torch.equal(memory.ltm.view(0)[2], mem.ltm.view(0)[2])
+
+
+def test_official_layout_round_trip(tmp_path, tiny_model):
+    mem = trained_like(tiny_model)
+    save_official(tiny_model, mem, tmp_path / "official")
+    cfg = json.loads((tmp_path / "official" / "config.json").read_text())
+    assert cfg["architectures"] == ["MPlus"] and "mplus_lightning" not in cfg
+    keys = load_file(str(tmp_path / "official" / "model.safetensors")).keys()
+    assert "model.layers.0.self_attn.q_proj.lora_A.decoder_adapter.weight" in keys
+    assert "model.layers.2.self_attn.key_proj.2.weight" in keys and "ltm_keys.2" in keys
+    same_behaviour(tiny_model, mem, MPlus.from_pretrained(tmp_path / "official"),
+                   MemoryState.from_pretrained(tmp_path / "official"))
+
+
+def test_official_fixture_reexported_matches_the_original_bytes(tmp_path):
+    src = FIXTURES / "mplus-tiny"
+    model, mem = MPlus.from_pretrained(src), MemoryState.from_pretrained(src)
+    save_official(model, mem, tmp_path / "again")
+    original, again = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    original = {k: v for k, v in original.items() if not k.startswith("ltm_recall")}
+    again = {k: v for k, v in again.items() if not k.startswith("ltm_recall")}
+    assert original.keys() == again.keys()
+    for k in original:
+        assert torch.equal(original[k], again[k]), k
+
+
+def test_sharded_checkpoint_loads_like_the_single_file(tmp_path):
+    src = FIXTURES / "memoryllm-tiny"
+    tensors = load_file(str(src / "model.safetensors"))
+    names = sorted(tensors)
+    half = len(names) // 2
+    shards = {"model-00001-of-00002.safetensors": names[:half], "model-00002-of-00002.safetensors": names[half:]}
+    out = tmp_path / "sharded"
+    out.mkdir()
+    for file, keys in shards.items():
+        save_file({k: tensors[k] for k in keys}, str(out / file))
+    (out / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+    (out / "config.json").write_text((src / "config.json").read_text())
+    same_behaviour(MPlus.from_pretrained(src), MemoryState.from_pretrained(src),
+                   MPlus.from_pretrained(out), MemoryState.from_pretrained(out))
+
+
+def test_start_from_a_plain_llama_directory(tmp_path):
+    config = tiny_config()
+    hf = LlamaForCausalLM(config.llama_config())
+    hf.save_pretrained(tmp_path / "llama")
+    model = load_llama(tmp_path / "llama", config)
+    ids = random_ids(10)
+    with torch.no_grad():
+        torch.testing.assert_close(model.backbone_logits(ids), hf(ids).logits)
+        # fresh adapters are no-ops (LoRA B = 0) and the BOS vectors are the BOS token's embedding
+        torch.testing.assert_close(model.backbone_logits(ids, adapter="read"), hf(ids).logits)
+    assert torch.equal(model.layers[0].memory_bos, hf.model.embed_tokens.weight[1])

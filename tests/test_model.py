@@ -1,0 +1,184 @@
+"""Behaviour of MPlus on tiny random configs: backbone = HF Llama, read/write semantics, retrieval, KV cache."""
+import pytest
+import torch
+from torch.nn import functional as F
+from transformers import LlamaForCausalLM
+
+from mplus_lightning import MemoryState, MPlus, tiny_config
+from mplus_lightning.model.mplus import bottom_right_causal_mask
+from mplus_lightning.model.retriever import mean_sigmoid_scores, retriever_bce_loss, select_oldest_first
+
+from .conftest import random_ids, randomize_adapters
+
+
+def filled(model, chunks=6, seed=0):
+    """A memory after `chunks` injections of 20-token random chunks (pool filled, LTM holding evicted rows)."""
+    mem = model.new_memory(seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    for i in range(chunks):
+        model.inject(mem, random_ids(20, seed=100 + i), generator=g)
+    return mem
+
+
+def test_backbone_without_memory_equals_hf_llama(tiny_model):
+    hf = LlamaForCausalLM(tiny_model.llama.config).eval()
+    base = {k.replace("llama.", "").replace(".base_layer", ""): v for k, v in tiny_model.state_dict().items()
+            if k.startswith("llama.") and "lora_" not in k and "memory_bos" not in k and "retriever" not in k}
+    hf.load_state_dict(base, strict=True)
+    ids = random_ids(13, batch=2)
+    with torch.no_grad():
+        expected = hf(ids).logits
+    torch.testing.assert_close(tiny_model.backbone_logits(ids), expected, rtol=1e-5, atol=1e-5)
+    # an active adapter (random, non-zero) changes the result: the comparison above really ran without LoRA
+    assert not torch.allclose(tiny_model.backbone_logits(ids, adapter="read"), expected, atol=1e-4)
+
+
+def test_bottom_right_mask_matches_naive_attention():
+    q, total = 3, 7
+    mask = bottom_right_causal_mask(q, total, torch.float32, "cpu")[0, 0]
+    visible = mask == 0
+    for i in range(q):
+        assert visible[i].tolist() == [j <= total - q + i for j in range(total)]
+    # against torch's own top-left causal attention on the square case
+    x = torch.randn(1, 1, total, 8)
+    naive = F.scaled_dot_product_attention(x, x, x, is_causal=True)[:, :, -q:]
+    ours = F.scaled_dot_product_attention(x[:, :, -q:], x, x, attn_mask=mask)
+    torch.testing.assert_close(ours, naive)
+
+
+def test_inject_commits_the_written_delta_as_newest_block(tiny_model):
+    mem = filled(tiny_model, chunks=1)
+    ids = random_ids(24, seed=7)
+    delta = tiny_model.write(mem, ids)
+    before_ltm = len(mem.ltm)
+    tiny_model.inject(mem, ids)
+    torch.testing.assert_close(mem.newest_block(), delta)
+    assert len(mem.ltm) == before_ltm + tiny_model.config.num_tokens
+
+
+def test_first_inject_fills_a_fresh_pool_and_moves_nothing_to_ltm(tiny_model):
+    mem = tiny_model.new_memory()
+    assert not mem.initialized
+    tiny_model.inject(mem, random_ids(20))
+    assert mem.initialized and len(mem.ltm) == 0
+
+
+def test_ltm_keys_are_the_retrievers_keys_of_the_evicted_rows(tiny_model):
+    mem = filled(tiny_model, chunks=1)
+    before = mem.clone()
+    evict = before.sample_evictions(torch.Generator().manual_seed(5))
+    tiny_model.inject(mem, random_ids(20), generator=torch.Generator().manual_seed(5))
+    evicted = torch.gather(before.ordered_rows(), 1, evict[..., None].expand(-1, -1, mem.hidden_size))
+    rows, keys, _ = mem.ltm.view(1)
+    torch.testing.assert_close(rows, evicted[1])
+    layer = tiny_model.layers[1]
+    torch.testing.assert_close(keys, layer.retriever.key_proj(layer.input_layernorm(evicted[1])))
+
+
+def test_retrieval_returns_min_k0_rows_oldest_first(tiny_model):
+    K0 = tiny_model.config.ltm_read_rows
+    mem = filled(tiny_model, chunks=2)            # 1 block of K=8 rows in LTM (< K0 = 16)
+    _, few = tiny_model.read(mem, random_ids(10), return_retrieved=True)
+    assert few.shape[-1] == len(mem.ltm) == 8
+    mem = filled(tiny_model, chunks=6)            # 5 blocks = 40 rows (> K0)
+    _, idx = tiny_model.read(mem, random_ids(10, batch=2), return_retrieved=True)
+    assert idx.shape == (3, 2, K0)
+    for l in range(3):
+        ages = mem.ltm.view(l)[2]
+        for b in range(2):
+            picked = ages[idx[l, b]]
+            assert bool((picked[:-1] >= picked[1:]).all()), "oldest first"
+            assert len(set(idx[l, b].tolist())) == K0, "no duplicates"
+
+
+def test_selection_is_the_top_scores():
+    scores = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.3]])
+    ages = torch.tensor([10, 20, 30, 40, 50])
+    assert select_oldest_first(scores, ages, 3).tolist() == [[3, 2, 1]]
+    assert select_oldest_first(scores, ages, 9).tolist() == [[4, 3, 2, 1, 0]]
+
+
+def test_blocked_scoring_equals_dense_scoring():
+    q, k = torch.randn(2, 5, 4), torch.randn(37, 4)
+    dense = torch.sigmoid(q @ k.t()).mean(1)
+    torch.testing.assert_close(mean_sigmoid_scores(q, k, block_rows=8), dense)
+
+
+def test_retriever_bce_loss_is_class_balanced():
+    w = torch.tensor([0.9, 0.8, 0.1, 0.2, 0.3])
+    y = torch.tensor([1, 1, 0, 0, 0])
+    pos = -torch.log(w[:2] + 1e-5).mean()
+    neg = -torch.log(1 - w[2:] + 1e-5).mean()
+    torch.testing.assert_close(retriever_bce_loss(w, y), (pos + neg) / 2)
+    torch.testing.assert_close(retriever_bce_loss(w, y, negative_weight=3.0), (pos + 3 * neg) / 4)
+    assert torch.isfinite(retriever_bce_loss(w, torch.zeros(5))), "no positives: no NaN"
+
+
+@pytest.mark.parametrize("ltm_blocks", [2, 0])
+def test_incremental_generation_equals_recomputing_the_read_pass(ltm_blocks):
+    torch.manual_seed(0)
+    model = randomize_adapters(MPlus(tiny_config(num_ltm_blocks=ltm_blocks, num_blocks=4 + ltm_blocks)).eval())
+    mem = filled(model, chunks=3)   # LTM holds <= K0 rows, so a longer read retrieves the same rows
+    prompt = random_ids(9, batch=2, seed=3)
+    out = model.generate(mem, prompt, max_new_tokens=6, eos_token_id=None)
+    full = model.read(mem, out[:, :-1])
+    assert torch.equal(full[:, prompt.shape[1] - 1:].argmax(-1), out[:, prompt.shape[1]:])
+
+
+def test_generate_stops_at_eos_and_pads_finished_rows(tiny_model):
+    mem = filled(tiny_model, chunks=2)
+    prompt = random_ids(9, batch=1, seed=3)
+    first = tiny_model.generate(mem, prompt, max_new_tokens=1, eos_token_id=None)[0, -1].item()
+    out = tiny_model.generate(mem, prompt, max_new_tokens=5, eos_token_id=first)
+    assert out.shape[1] == prompt.shape[1] + 1 and out[0, -1].item() == first
+
+
+def test_sampling_is_reproducible_with_a_generator(tiny_model):
+    mem = filled(tiny_model, chunks=2)
+    prompt = random_ids(9, seed=3)
+    a = tiny_model.generate(mem, prompt, 5, do_sample=True, top_k=20, generator=torch.Generator().manual_seed(1),
+                            eos_token_id=None)
+    b = tiny_model.generate(mem, prompt, 5, do_sample=True, top_k=20, generator=torch.Generator().manual_seed(1),
+                            eos_token_id=None)
+    assert torch.equal(a, b)
+
+
+def test_batched_read_equals_one_by_one(tiny_model):
+    mem = filled(tiny_model, chunks=6)
+    ids = random_ids(11, batch=3, seed=4)
+    together = tiny_model.read(mem, ids)
+    for b in range(3):
+        torch.testing.assert_close(together[b:b + 1], tiny_model.read(mem, ids[b:b + 1]), rtol=1e-5, atol=1e-5)
+
+
+def test_slot_layout_does_not_change_results(tiny_model):
+    """Only ranks matter: permuting the slots of the pool (ranks moved along) gives the same logits."""
+    mem = filled(tiny_model, chunks=6)
+    ids = random_ids(17, seed=4)
+    perm = torch.randperm(mem.size)
+    shuffled = MemoryState(rows=mem.rows[:, perm].clone(), ranks=mem.ranks[:, perm].clone(),
+                           ages=mem.ages[:, perm].clone(), num_tokens=mem.num_tokens, ltm=mem.ltm)
+    torch.testing.assert_close(tiny_model.read(shuffled, ids), tiny_model.read(mem, ids), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tiny_model.write(shuffled, ids), tiny_model.write(mem, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_the_two_adapters_give_different_memory_views(tiny_model):
+    """The same rows under the write and read adapters yield different K/V (model.md §6.1)."""
+    layer = tiny_model.layers[0]
+    rows = torch.randn(1, 4, 64)
+    pos = torch.arange(4)[None]
+    from mplus_lightning.model.adapters import activate
+    activate(layer.lora(), "write")
+    k_write, _ = layer.memory_kv(rows, pos, tiny_model.rotary)
+    activate(layer.lora(), "read")
+    k_read, _ = layer.memory_kv(rows, pos, tiny_model.rotary)
+    assert not torch.allclose(k_write, k_read)
+
+
+def test_trainable_parameters_are_the_official_set(tiny_model):
+    tiny_model.freeze_backbone()
+    trainable = {n for n, p in tiny_model.named_parameters() if p.requires_grad}
+    assert "new_memory_embedding" in trainable
+    assert any("lora_A.write" in n for n in trainable) and any("lora_B.read" in n for n in trainable)
+    assert any("retriever.query_proj" in n for n in trainable)
+    assert not any("base_layer" in n or "embed_tokens" in n or "lm_head" in n for n in trainable)
