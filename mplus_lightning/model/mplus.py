@@ -14,6 +14,7 @@ Sequence layouts (positions):
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, rotate_h
 
 from .adapters import READ, WRITE, activate, add_lora_adapters, lora_modules
 from .configuration import MPlusConfig
-from .memory import MemoryState
+from .memory import LongTermMemory, MemoryState
 from .retriever import Retriever, mean_sigmoid_scores, select_oldest_first
 
 MIN_CHUNK_TOKENS = 16  # the official README's "hard minimum"; shorter chunks disturb the memory
@@ -118,14 +119,18 @@ class MemoryDecoderLayer(LlamaDecoderLayer):
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
         return k, v
 
-    def forward(self, hidden_states, *, adapter: str | None, position_embeddings, rotary: nn.Module,
-                cache: MemoryKVCache, prefix=None):
+    def forward(self, hidden_states, *, adapter: str | None = None, position_embeddings=None, rotary=None,
+                cache: MemoryKVCache | None = None, prefix=None, keys_only: bool = False):
         """Run the layer on `hidden_states` [B, q, d] with `adapter` active.
 
         `prefix` is None (decode step: everything is in the cache already), or a callable
         `prefix(layer, hidden_states) -> (rows [B|1, p, d], positions [B|1, p])` of memory rows; the layer prepends
         its BOS vector at position 0 and puts their K/V into `cache` first.
+        `keys_only`: return the retriever keys f_k(RMSNorm_in(rows)) of `hidden_states` instead (inside the layer's
+        forward so that FSDP has gathered the retriever's weights).
         """
+        if keys_only:
+            return self.retriever.key_proj(self.input_layernorm(hidden_states))
         activate(self.lora(), adapter)
         B, q, _ = hidden_states.shape
         idx = self.self_attn.layer_idx
@@ -142,6 +147,48 @@ class MemoryDecoderLayer(LlamaDecoderLayer):
         mask = bottom_right_causal_mask(q, total, hidden_states.dtype, hidden_states.device) if q > 1 else None
         return super().forward(hidden_states, attention_mask=mask, cache=cache,
                                position_embeddings=position_embeddings)
+
+
+@dataclass
+class ReadView:
+    """What a read pass attends to, per layer: memory rows at RoPE positions, and optionally a LTM to retrieve from.
+
+    rows [L, m, d] (may carry gradients in training), positions [L, m]; real tokens start at `query_start`.
+    """
+
+    rows: torch.Tensor
+    positions: torch.Tensor
+    query_start: int
+    ltm: LongTermMemory | None = None
+    ltm_read_rows: int = 0
+    adapter: str = READ
+
+
+@dataclass
+class RetrieverProbe:
+    """Retriever training scores of a read pass (research/model.md §7.5), collected inside each layer.
+
+    Per layer: queries f_q(RMSNorm_in(h)) of a random-length prefix of the target (`lengths[l]` tokens), keys
+    f_k(RMSNorm_in(row)) of the view's rows, both on detached inputs (the retriever loss trains only the retriever);
+    w = mean sigmoid(q . k) per row. With `encoder_queries` (row indices into the view), the encoder retriever
+    f_q^enc scores the same rows from those rows' own states.
+    """
+
+    lengths: list[int]
+    encoder_queries: torch.Tensor | None = None
+    scores: list = field(default_factory=list)
+    encoder_scores: list = field(default_factory=list)
+
+    def score(self, layer: "MemoryDecoderLayer", l: int, h: torch.Tensor, rows: torch.Tensor) -> None:
+        if layer.retriever is None:
+            raise ValueError("retriever training needs a model built with add_selector=true")
+        norm_rows = layer.input_layernorm(rows.detach())
+        keys = layer.retriever.key_proj(norm_rows)                                   # [m, s]
+        queries = layer.retriever.query_proj(layer.input_layernorm(h[:, : self.lengths[l]].detach()))
+        self.scores.append(torch.sigmoid(queries @ keys.t()).mean(dim=1).mean(dim=0))  # [m]
+        if self.encoder_queries is not None and layer.retriever.encoder_query_proj is not None:
+            q_enc = layer.retriever.encoder_query_proj(norm_rows[self.encoder_queries[l]])
+            self.encoder_scores.append(torch.sigmoid(q_enc @ keys.t()).mean(dim=0))
 
 
 class MPlus(nn.Module):
@@ -268,28 +315,37 @@ class MPlus(nn.Module):
             h = out[:, -n:]
         return torch.cat(deltas, dim=0)
 
-    def _read_prefix(self, memory: MemoryState, layer_idx: int, retrieved: list | None):
-        """The callable that builds layer l's read prefix: retrieved LTM rows (oldest first) then the STM pool."""
-        cfg = self.config
-        K0, N = cfg.ltm_read_rows, memory.size
-        stm_rows = memory.rows[layer_idx][None]
-        stm_pos = (1 + K0 + memory.ranks[layer_idx])[None]
-        ltm = memory.ltm if cfg.has_ltm else None
+    def view(self, memory: MemoryState) -> "ReadView":
+        """The read view of a memory: its STM rows at positions 1+K0+rank, plus its LTM to retrieve from."""
+        K0 = self.config.ltm_read_rows
+        return ReadView(rows=memory.rows, positions=1 + K0 + memory.ranks, query_start=1 + K0 + memory.size,
+                        ltm=memory.ltm if self.config.has_ltm else None, ltm_read_rows=K0,
+                        adapter=self.read_adapter)
+
+    def _read_prefix(self, view: "ReadView", layer_idx: int, retrieved: list | None,
+                     probe: "RetrieverProbe | None"):
+        """The callable that builds layer l's read prefix: retrieved LTM rows (oldest first), then the view's rows."""
+        K0 = view.ltm_read_rows
+        rows_l, pos_l = view.rows[layer_idx][None], view.positions[layer_idx][None]
+        ltm = view.ltm
 
         def prefix(layer: MemoryDecoderLayer, h: torch.Tensor):
+            if probe is not None:
+                probe.score(layer, layer_idx, h, view.rows[layer_idx])
             if ltm is None or ltm.size == 0:
-                return stm_rows, stm_pos
+                return rows_l, pos_l
             rows, keys, ages = ltm.view(layer_idx)
-            queries = layer.retriever.query_proj(layer.input_layernorm(h))
-            idx = select_oldest_first(mean_sigmoid_scores(queries, keys.to(queries.dtype)), ages, K0)  # [B, m]
+            with torch.no_grad():  # retrieval is a selection: no gradient flows through it (official: no_grad)
+                queries = layer.retriever.query_proj(layer.input_layernorm(h))
+                idx = select_oldest_first(mean_sigmoid_scores(queries, keys.to(queries.dtype)), ages, K0)  # [B, m]
             if retrieved is not None:
                 retrieved.append(idx)
             B, m = idx.shape
             picked = rows[idx].to(h.dtype)                                            # [B, m, d]
             # Fewer than K0 stored rows: they sit right before the STM, so the STM and prompt keep their positions.
             ltm_pos = torch.arange(1 + K0 - m, 1 + K0, device=h.device).expand(B, m)
-            return (torch.cat([picked, stm_rows.expand(B, -1, -1)], 1),
-                    torch.cat([ltm_pos, stm_pos.expand(B, -1)], 1))
+            return (torch.cat([picked, rows_l.to(h.dtype).expand(B, -1, -1)], 1),
+                    torch.cat([ltm_pos, pos_l.expand(B, -1)], 1))
         return prefix
 
     def prefix_length(self, memory: MemoryState) -> int:
@@ -297,16 +353,46 @@ class MPlus(nn.Module):
         m = min(self.config.ltm_read_rows, memory.ltm.size) if (self.config.has_ltm and memory.ltm) else 0
         return 1 + m + memory.size
 
-    def _read_layers(self, memory: MemoryState, h: torch.Tensor, cache: MemoryKVCache,
-                     retrieved: list | None = None) -> torch.Tensor:
-        pos = self._positions(h, 1 + self.config.ltm_read_rows + memory.size)
+    def _read_layers(self, view: "ReadView", h: torch.Tensor, cache: MemoryKVCache,
+                     retrieved: list | None = None, probe: "RetrieverProbe | None" = None) -> torch.Tensor:
+        pos = self._positions(h, view.query_start)
         for l, layer in enumerate(self.layers):
-            h = layer(h, adapter=self.read_adapter, position_embeddings=pos, rotary=self.rotary, cache=cache,
-                      prefix=self._read_prefix(memory, l, retrieved))
+            h = layer(h, adapter=view.adapter, position_embeddings=pos, rotary=self.rotary, cache=cache,
+                      prefix=self._read_prefix(view, l, retrieved, probe))
         return h
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.llama.lm_head(self.llama.model.norm(h))
+
+    # ---- training entry point (everything a training step computes goes through the root forward: FSDP) ------
+    def forward(self, op: str, *args, **kwargs):
+        """`model("write", ids, previous)` -> delta [L, K, d] (with gradients when enabled);
+        `model("lm_loss", ids, loss_mask, view, probe=None)` -> (mean CE over masked-in next tokens, token count);
+        `model("keys", rows)` -> retrieval keys [L, k, s] of rows [L, k, d]."""
+        if op == "write":
+            ids, previous = args
+            return self._write_layers(self._embed(ids), previous)
+        if op == "lm_loss":
+            return self._lm_loss(*args, **kwargs)
+        if op == "keys":
+            return self.ltm_keys(*args)
+        raise ValueError(f"unknown op {op!r}: expected 'write', 'lm_loss' or 'keys'")
+
+    def delta_view(self, delta: torch.Tensor, adapter: str = WRITE) -> ReadView:
+        """A view of only the K rows just written (single-chunk training: the target reads [bos ; delta])."""
+        L, K, _ = delta.shape
+        pos = torch.arange(1, K + 1, device=delta.device).expand(L, K)
+        return ReadView(rows=delta, positions=pos, query_start=K + 1, adapter=adapter)
+
+    def _lm_loss(self, ids: torch.Tensor, loss_mask: torch.Tensor, view: ReadView,
+                 probe: RetrieverProbe | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self._read_layers(view, self._embed(ids), MemoryKVCache(len(self.layers)), probe=probe)
+        logits = self._logits(h[:, :-1]).float()                     # fp32 logits, as in the official training
+        labels = ids[:, 1:].masked_fill(~loss_mask[:, 1:], -100)
+        count = (labels != -100).sum()
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                 ignore_index=-100, reduction="sum") / count.clamp(min=1)
+        return loss, count
 
     # ---- public API --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -330,8 +416,7 @@ class MPlus(nn.Module):
 
     def ltm_keys(self, rows: torch.Tensor) -> torch.Tensor:
         """Retrieval keys f_k(RMSNorm_in(row)) of rows [L, k, d] -> [L, k, s], each layer with its own f_k."""
-        return torch.stack([layer.retriever.key_proj(layer.input_layernorm(rows[l].to(self.dtype)))
-                            for l, layer in enumerate(self.layers)])
+        return torch.stack([layer(rows[l].to(self.dtype), keys_only=True) for l, layer in enumerate(self.layers)])
 
     @torch.no_grad()
     def read(self, memory: MemoryState, input_ids, *, logits_to_keep: int = 0, return_retrieved: bool = False):
@@ -342,7 +427,7 @@ class MPlus(nn.Module):
         self._check_memory(memory)
         ids = self._check_ids(input_ids, "read")
         retrieved: list = []
-        h = self._read_layers(memory, self._embed(ids), MemoryKVCache(len(self.layers)), retrieved)
+        h = self._read_layers(self.view(memory), self._embed(ids), MemoryKVCache(len(self.layers)), retrieved)
         logits = self._logits(h[:, -logits_to_keep:] if logits_to_keep else h)
         if return_retrieved:
             return logits, (torch.stack(retrieved) if retrieved else None)
@@ -381,7 +466,7 @@ class MPlus(nn.Module):
             eos = eos[0]
         B, n = ids.shape
         cache = MemoryKVCache(len(self.layers), capacity=self.prefix_length(memory) + n + max_new_tokens)
-        h = self._read_layers(memory, self._embed(ids), cache)
+        h = self._read_layers(self.view(memory), self._embed(ids), cache)
         logits = self._logits(h[:, -1])
         out, finished = [ids], torch.zeros(B, dtype=torch.bool, device=ids.device)
         position = 1 + self.config.ltm_read_rows + memory.size + n

@@ -203,12 +203,19 @@ def load_llama(llama_dir, config: MPlusConfig, *, dtype=torch.float32, device="c
 # ---- writing ----------------------------------------------------------------------------------------------------
 def save_model(model, out_dir, memory: MemoryState | None = None) -> None:
     """Our self-contained export: config.json, model.safetensors (our key names), memory/."""
+    save_model_state(model.config, model.state_dict(), out_dir, memory)
+
+
+def save_model_state(config: MPlusConfig, state: dict[str, torch.Tensor], out_dir,
+                     memory: MemoryState | None = None) -> None:
+    """`save_model` from a (possibly gathered, e.g. FSDP full) state dict."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(model.config.to_dict(), indent=2))
-    save_file({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, str(out / WEIGHTS))
     if memory is not None:
-        memory.check_compatible(model.config)
+        memory.check_compatible(config)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / WEIGHTS))
+    if memory is not None:
         memory.save(out / "memory")
 
 

@@ -1,0 +1,214 @@
+"""The run configuration: typed OmegaConf dataclasses, merged as defaults <- YAML <- `key=value` overrides.
+
+Every knob of the official recipe is a field here with the official value as its default (stage-1 values where the
+stages differ; `experiments/stage2.yaml` and `ltm.yaml` set the others). Unknown keys and wrong types are errors that
+name the key. `load(path, overrides)` returns a validated `RunConfig`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+STAGES = ("stage1", "stage2", "ltm")
+
+
+@dataclass
+class ModelConfig:
+    init: str = "tiny"
+    """Where the weights come from: `tiny` (random tiny Llama from `llama`), `llama` (a local HF Llama directory in
+    `path`), `pretrained` (an official release or our export in `path`, memory included)."""
+    path: Optional[str] = None
+    """Local directory for init=llama / pretrained."""
+    llama: dict[str, Any] = field(default_factory=dict)
+    """LlamaConfig fields for init=tiny (hidden_size, num_hidden_layers, vocab_size, ...)."""
+    num_tokens: int = 256
+    """K: memory rows written per update."""
+    num_blocks: int = 50
+    """Blocks of K rows attended at read time (short-term + retrieved long-term)."""
+    num_ltm_blocks: int = 0
+    """Blocks of K rows retrieved from the long-term memory (stage 3: 10; 0 = MemoryLLM)."""
+    add_selector: bool = False
+    """Build the retriever (stage 2 on)."""
+    add_encoder_retriever: bool = True
+    selector_hidden_dim: int = 256
+    num_selector_layers: int = 2
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_dropout: float = 0.1
+    ltm_capacity: int = 153_600
+    """Long-term rows per layer before the oldest leave."""
+
+
+@dataclass
+class DataConfig:
+    kind: str = "synthetic"
+    """DataModule: synthetic | fineweb | slimpajama | mixture | facts (see mplus_lightning/data)."""
+    params: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of that DataModule's constructor (paths, tokenizer, ratios, workers, ...)."""
+    instruction: str = "Repeat:"
+    """Instruction of the repeat task (official `instruct`)."""
+
+
+@dataclass
+class StepConfig:
+    """The training step (research/training.md §1.4-1.5). Official config names in brackets."""
+
+    full_context_ratio: float = 0.1
+    """P(full-context LM step, no injection) [full_context_and_sentence_training_ratio]."""
+    multi_chunk_ratio: float = 0.8
+    """P(multi-chunk step: inject up to the scheduled number of chunks, read with the whole memory)
+    [occassionally_cat_to_maximum_memory_ratio]; otherwise a single-chunk step reads only the new block."""
+    num_contexts_schedule: list[list[int]] = field(default_factory=lambda: [[0, 50], [100_000, 100], [200_000, 200]])
+    """[[from_step, max_chunks], ...]: chunks injected per multi-chunk step."""
+    revisit: bool = True
+    """Re-score a cached earlier target against the current memory [cache_data_for_longer_context]."""
+    pass_ratio: float = 0.8
+    """P(no revisit) when a revisit is possible."""
+    empty_prob: float = 1.0
+    """P(replace the cached target) after a normal step that follows a revisit (stage 3: 0.2)."""
+    single_chunk_gradient: bool = True
+    """Multi-chunk steps of one-chunk documents keep the gradient through the injection (official stages 1-2)."""
+    mask_extra_tokens: int = 5
+    """Repeat task: tokens masked from the loss after the instruction [num_of_additional_tokens_to_mask]."""
+    max_seq_length: int = 2048
+    """Longest target / full-context sequence."""
+    retriever_loss: bool = False
+    """Add the class-balanced BCE retriever losses (stages 2-3) on multi-chunk and revisit steps."""
+    encoder_retriever_loss: bool = True
+    negative_loss_weight: float = 1.0
+    random_retriever_length: bool = True
+    """Retriever queries come from a random-length prefix of the target, as in the official training."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 4.6e-5
+    """Main group (LoRA, BOS vectors, new-memory embedding). Never scaled by the GPU count (official: x #GPUs)."""
+    selector_lr: float = 1e-4
+    """Retriever group."""
+    weight_decay: float = 0.01
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    schedule: str = "linear"
+    """linear (decay to final_lr_factor over decay_steps, then constant) | constant."""
+    final_lr_factor: float = 0.1
+    decay_steps: int = 100_000
+    grad_clip: float = 0.0
+    """Gradient-norm clipping (0 = off, as official)."""
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1_200_000
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    precision: str = "bf16-mixed"
+    strategy: str = "auto"
+    """auto (one device) | fsdp2 (ModelParallelStrategy, fully_shard per decoder layer) | ddp."""
+    activation_checkpointing: bool = False
+    val_every_n_steps: int = 10_000
+    val_batches: int = 50
+    ckpt_every_n_steps: int = 10_000
+    keep_checkpoints: int = 3
+    log_every_n_steps: int = 10
+    progress_bar: bool = True
+    seed: int = 42
+
+
+@dataclass
+class RunConfig:
+    name: str = MISSING
+    """Run name: outputs go to <run_dir>/<name>/ (checkpoints/, tensorboard/, config.yaml, export/)."""
+    stage: str = "stage1"
+    """stage1 | stage2 | ltm."""
+    run_dir: str = "checkpoints/runs"
+    init_from: Optional[str] = None
+    """Previous stage's export directory (<run>/export): weights and memory start there (pool resized as needed)."""
+    resume: Optional[str] = None
+    """`last` (this run's last.ckpt) or a checkpoint path: continue exactly where it stopped."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    step: StepConfig = field(default_factory=StepConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.run_dir) / self.name
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key."""
+
+
+def _validate(cfg: RunConfig) -> None:
+    problems = []
+    if cfg.stage not in STAGES:
+        problems.append(f"stage: {cfg.stage!r} is not one of {STAGES}")
+    s = cfg.step
+    for key in ("full_context_ratio", "multi_chunk_ratio", "pass_ratio", "empty_prob"):
+        v = getattr(s, key)
+        if not 0.0 <= v <= 1.0:
+            problems.append(f"step.{key}: {v} is not a probability in [0, 1]")
+    if not s.num_contexts_schedule or any(len(x) != 2 or x[1] < 1 for x in s.num_contexts_schedule):
+        problems.append("step.num_contexts_schedule: expected [[from_step, max_chunks >= 1], ...]")
+    if cfg.optim.schedule not in ("linear", "constant"):
+        problems.append(f"optim.schedule: {cfg.optim.schedule!r} is not linear|constant")
+    if cfg.model.init not in ("tiny", "llama", "pretrained"):
+        problems.append(f"model.init: {cfg.model.init!r} is not tiny|llama|pretrained")
+    if cfg.model.init in ("llama", "pretrained") and not cfg.model.path:
+        problems.append(f"model.path: required for model.init={cfg.model.init} (a local directory)")
+    if cfg.model.init == "tiny" and not cfg.model.llama:
+        problems.append("model.llama: init=tiny needs the LlamaConfig fields (hidden_size, num_hidden_layers, ...)")
+    if cfg.stage == "ltm" and cfg.model.num_ltm_blocks < 1:
+        problems.append("model.num_ltm_blocks: stage ltm needs a long-term memory (>= 1 block)")
+    if cfg.stage != "ltm" and cfg.model.num_ltm_blocks > 0:
+        problems.append(f"model.num_ltm_blocks: {cfg.stage} trains MemoryLLM (0); long-term memory is stage ltm")
+    if s.retriever_loss and not cfg.model.add_selector:
+        problems.append("step.retriever_loss: needs model.add_selector=true")
+    if cfg.trainer.strategy not in ("auto", "fsdp2", "ddp"):
+        problems.append(f"trainer.strategy: {cfg.trainer.strategy!r} is not auto|fsdp2|ddp")
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """defaults <- YAML file <- `a.b=value` overrides, type-checked; errors name the offending key."""
+    schema = OmegaConf.structured(RunConfig)
+    layers: list[DictConfig] = [schema]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} not found (see experiments/ for the shipped ones)")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as e:  # yaml syntax errors come in several types
+            raise ConfigError(f"{path} is not valid YAML: {e}") from None
+    try:
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise ConfigError(f"overrides must look like key=value, got {bad}")
+            layers.append(OmegaConf.from_dotlist(overrides))
+        merged = OmegaConf.merge(*layers)
+        cfg: RunConfig = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None)
+        msg = str(e).splitlines()[0]
+        raise ConfigError(f"config key {key!r}: {msg}" if key else f"config: {msg}") from None
+    _validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def save(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(to_yaml(cfg))

@@ -1,0 +1,352 @@
+"""The shared training LightningModule: one document per step, memory as per-rank state (research/training.md §1).
+
+Step kinds (drawn per step, official probabilities in the config):
+  full     full-context LM on the document's first max_seq_length tokens against the memory; no write
+  revisit  re-score a cached earlier target against the current memory; no write
+  multi    inject up to `num_contexts_schedule` chunks (no gradient; one-chunk documents keep it), then read the
+           target against the whole updated memory with the read adapter (+ retriever losses)
+  single   inject one chunk with gradient; the target reads only [bos ; that block] with the write adapter; then
+           the block is committed
+Where we differ from the official code (training.md §7), each fix is named where it happens: the target of a
+multi-chunk step is scored against the memory that actually results from the injection (bug 10), the revisit
+counter also counts chunks when the cache is kept (bug 9), full-context steps step the scheduler (bug 8),
+validation works on a copy of the memory (bug 24), the learning rate does not scale with the GPU count (bug 17).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from ..config import RunConfig
+from ..model import MemoryState, MPlus
+from ..model.adapters import WRITE
+from ..model.mplus import RetrieverProbe
+from ..model.retriever import retriever_bce_loss
+from .build import build_model, initial_memory
+
+RANK_STATE_SUFFIX = ".rank{rank}.state"
+
+
+def rank_state_path(ckpt_path: str | Path, rank: int) -> Path:
+    """Each rank's memory and step state live beside the Lightning checkpoint (they differ per rank)."""
+    return Path(str(ckpt_path) + RANK_STATE_SUFFIX.format(rank=rank))
+
+
+@dataclass
+class RevisitCache:
+    """A target kept to be re-read later against a memory that has moved on (official `cache_data_for_longer_context`)."""
+
+    ids: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    doc: int = -1
+    chunks_since: int = 0
+    last_step_was_revisit: bool = False
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor
+    """What is optimised: the LM loss plus (multi-chunk and revisit steps of stages 2-3) the retriever losses."""
+    lm_loss: torch.Tensor
+    kind: str
+    tokens: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class MemoryTrainingModule(L.LightningModule):
+    """Shared logic of the three stages. Subclasses only check their stage's requirements."""
+
+    stage = "stage1"
+
+    def __init__(self, cfg: RunConfig, instruction_ids: list[int] | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.check_stage(cfg)
+        self.model: MPlus = build_model(cfg)
+        self.instruction_ids = list(instruction_ids or [])
+        self.memory: MemoryState | None = None
+        # Which document wrote each short-term slot: the retriever's labels follow rows through evictions for free.
+        self.row_doc: torch.Tensor | None = None
+        self.revisit = RevisitCache()
+        self.docs_seen = 0
+        self.rng = random.Random(cfg.trainer.seed)
+        self.evict_gen = torch.Generator().manual_seed(cfg.trainer.seed)
+        self._t0 = None
+        self._pending_rank_state: dict | None = None
+
+    # ---- stage hooks -----------------------------------------------------------------------------------------
+    def check_stage(self, cfg: RunConfig) -> None:
+        if cfg.stage != self.stage:
+            raise ValueError(f"{type(self).__name__} trains {self.stage}, config says stage={cfg.stage}")
+
+    # ---- memory lifecycle ------------------------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        rank = self.trainer.global_rank if self._trainer is not None else 0
+        # Every rank has its own stream of documents, so its own rng and memory (seeded apart).
+        self.rng = random.Random(f"{self.cfg.trainer.seed}:{rank}")
+        self.evict_gen = torch.Generator().manual_seed(self.cfg.trainer.seed * 1000 + rank)
+
+    def on_fit_start(self) -> None:
+        if self._pending_rank_state is not None:
+            self._restore_rank_state(self._pending_rank_state)
+            self._pending_rank_state = None
+        if self.memory is None:
+            self.memory = initial_memory(self.cfg, self.model, seed=self.cfg.trainer.seed + self.global_rank)
+        self.memory.to(device=self.device, dtype=self.model.dtype)
+        if self.row_doc is None:
+            self.row_doc = torch.full(self.memory.ranks.shape, -1, dtype=torch.long)
+        self.row_doc = self.row_doc.to(self.device)
+
+    def _keys(self, rows: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model("keys", rows)
+
+    def _commit(self, delta: torch.Tensor, doc: int, memory: MemoryState | None = None,
+                row_doc: torch.Tensor | None = None) -> torch.Tensor:
+        """Commit delta into memory (training memory unless given); stamp the new slots with `doc`. Returns slots."""
+        memory = memory if memory is not None else self.memory
+        row_doc = row_doc if row_doc is not None else self.row_doc
+        memory.commit(delta.detach(), keys_fn=self._keys if memory.ltm is not None else None,
+                      generator=self.evict_gen, per_layer=self.model.config.drop_memory_per_layer)
+        slots = memory.slots_in_rank_order()[:, -memory.num_tokens:]
+        row_doc.scatter_(1, slots, doc)
+        return slots
+
+    def _inject_no_grad(self, chunks: list[torch.Tensor], doc: int, memory=None, row_doc=None) -> None:
+        memory = memory if memory is not None else self.memory
+        for chunk in chunks:
+            with torch.no_grad():
+                delta = self.model("write", chunk[None].to(self.device), memory.newest_block())
+            self._commit(delta, doc, memory, row_doc)
+
+    # ---- the step ---------------------------------------------------------------------------------------------
+    def num_contexts(self, step: int) -> int:
+        n = self.cfg.step.num_contexts_schedule[0][1]
+        for start, value in self.cfg.step.num_contexts_schedule:
+            if step >= start:
+                n = value
+        return n
+
+    def _target(self, sample, chunks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sequence to predict and its loss mask. Repeat task: instruction + the injected text, with the
+        instruction and `mask_extra_tokens` more positions masked (built from ids: no decode/re-tokenize)."""
+        S = self.cfg.step.max_seq_length
+        if sample.repeat:
+            instr = torch.tensor(self.instruction_ids, dtype=torch.long)
+            body = torch.cat(chunks)[: S - len(instr)]
+            ids = torch.cat([instr, body])
+            mask = torch.ones_like(ids, dtype=torch.bool)
+            mask[: len(instr) + self.cfg.step.mask_extra_tokens] = False
+        else:
+            ids = sample.target[:S]
+            given = getattr(sample, "target_mask", None)
+            mask = given[:S].bool() if given is not None else torch.ones_like(ids, dtype=torch.bool)
+        return ids[None].to(self.device), mask[None].to(self.device)
+
+    def _probe(self, target_len: int, view_rows: int, encoder: bool) -> RetrieverProbe | None:
+        s = self.cfg.step
+        if not s.retriever_loss:
+            return None
+        L = self.model.config.num_layers
+        lengths = ([self.rng.randint(1, max(1, target_len - 1)) for _ in range(L)] if s.random_retriever_length
+                   else [target_len] * L)
+        enc = None
+        if encoder and s.encoder_retriever_loss and self.model.config.add_encoder_retriever:
+            enc = torch.argsort(self.memory.ranks, dim=1)[:, -self.memory.num_tokens:]  # newest block, per layer
+        return RetrieverProbe(lengths=lengths, encoder_queries=enc)
+
+    def _retriever_losses(self, probe: RetrieverProbe | None, positives: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        if probe is None or not probe.scores:
+            return torch.zeros((), device=self.device), {}
+        w = torch.stack(probe.scores)                                      # [L, N]
+        loss = retriever_bce_loss(w, positives, self.cfg.step.negative_loss_weight)
+        picked = w.detach() > 0.5
+        tp = (picked & positives).sum().item()
+        metrics = {"retriever_loss": loss.item(),
+                   "retriever_precision": tp / max(1, picked.sum().item()),
+                   "retriever_recall": tp / max(1, positives.sum().item())}
+        if probe.encoder_scores:
+            enc = retriever_bce_loss(torch.stack(probe.encoder_scores), positives, self.cfg.step.negative_loss_weight)
+            metrics["retriever_encoder_loss"] = enc.item()
+            loss = loss + enc
+        return loss, metrics
+
+    def run_step(self, sample) -> StepResult:
+        cfg, model, memory = self.cfg.step, self.model, self.memory
+        doc = self.docs_seen
+        self.docs_seen += 1
+        contexts = [c.long() for c in sample.contexts]
+        r = self.rng.random()
+        if r < cfg.full_context_ratio or not contexts:
+            # Full-context LM: the document's first tokens read against the memory; nothing is written.
+            seq = sample.target if sample.repeat else torch.cat(contexts + [sample.target])
+            ids = seq[: cfg.max_seq_length][None].to(self.device)
+            loss, n = model("lm_loss", ids, torch.ones_like(ids, dtype=torch.bool), model.view(memory))
+            return StepResult(loss, loss, "full", ids.shape[1])
+
+        c = self.revisit
+        multi = self.rng.random() < cfg.multi_chunk_ratio
+        if (cfg.revisit and not c.last_step_was_revisit and c.ids is not None and c.chunks_since > 0
+                and self.rng.random() >= cfg.pass_ratio):
+            # Revisit: the document fetched for this step is not used (as official); its target waits in no cache.
+            probe = self._probe(c.ids.shape[1], memory.size, encoder=False) if multi else None
+            loss, n = model("lm_loss", c.ids, c.mask, model.view(memory), probe=probe)
+            r_loss, metrics = self._retriever_losses(probe, self.row_doc == c.doc)
+            c.last_step_was_revisit = True
+            metrics["revisit_distance_chunks"] = c.chunks_since
+            return StepResult(loss + r_loss, loss, "revisit", c.ids.shape[1], metrics)
+
+        n_chunks = min(self.num_contexts(self.global_step), len(contexts)) if multi else 1
+        chunks = contexts[:n_chunks] if sample.repeat else contexts[-n_chunks:]
+        ids, mask = self._target(sample, chunks)
+        tokens = ids.shape[1] + sum(len(x) for x in chunks)
+        metrics: dict[str, Any] = {"num_contexts": n_chunks}
+        if multi:
+            if n_chunks == 1 and cfg.single_chunk_gradient:
+                delta = model("write", chunks[0][None].to(self.device), memory.newest_block())
+                slots = self._commit(delta, doc)
+                # The committed rows, with the new block carrying its gradient back into the write pass.
+                rows = memory.rows.detach().clone()
+                rows.scatter_(1, slots[..., None].expand(-1, -1, rows.shape[2]), delta)
+                view = model.view(memory)
+                view.rows = rows
+            else:
+                self._inject_no_grad(chunks, doc)
+                view = model.view(memory)
+            probe = self._probe(ids.shape[1], memory.size, encoder=True)
+            loss, n = model("lm_loss", ids, mask, view, probe=probe)
+            r_loss, r_metrics = self._retriever_losses(probe, self.row_doc == doc)
+            metrics.update(r_metrics)
+            total = loss + r_loss
+            kind = "multi"
+        else:
+            delta = model("write", chunks[0][None].to(self.device), memory.newest_block())
+            loss, n = model("lm_loss", ids, mask, model.delta_view(delta, WRITE))
+            self._commit(delta, doc)
+            total, kind = loss, "single"
+        self._update_revisit_cache(ids, mask, doc, n_chunks)
+        return StepResult(total, loss, kind, tokens, metrics)
+
+    def _update_revisit_cache(self, ids, mask, doc, n_chunks) -> None:
+        c = self.revisit
+        if c.ids is None or (c.last_step_was_revisit and self.rng.random() < self.cfg.step.empty_prob):
+            c.ids, c.mask, c.doc, c.chunks_since = ids.detach(), mask, doc, 0
+        else:
+            c.chunks_since += n_chunks  # official bug 9: it skipped this when the cache was kept after a revisit
+        c.last_step_was_revisit = False
+
+    # ---- Lightning hooks ------------------------------------------------------------------------------------
+    def training_step(self, sample, batch_idx):
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+        result = self.run_step(sample)
+        if not torch.isfinite(result.loss):
+            raise FloatingPointError(
+                f"non-finite training loss ({result.loss.item()}) at step {self.global_step} ({result.kind} step, "
+                f"document {getattr(sample, 'doc_id', '?')}): stopping. Nothing was saved after the last good "
+                "checkpoint; resume from it with a lower learning rate (optim.lr) or check the data.")
+        elapsed = time.perf_counter() - self._t0
+        self._t0 = time.perf_counter()
+        log = dict(on_step=True, on_epoch=False, batch_size=1)
+        self.log("train/loss", result.loss, prog_bar=True, **log)
+        self.log("train/lm_loss", result.lm_loss, **log)
+        self.log(f"train/lm_loss_{result.kind}", result.lm_loss, **log)
+        self.log("train/tokens_per_s", result.tokens / max(elapsed, 1e-9), prog_bar=True, **log)
+        for k, v in result.metrics.items():
+            self.log(f"train/{k}", float(v), **log)
+        if self.memory.ltm is not None:
+            self.log("ltm/size", float(len(self.memory.ltm)), **log)
+        return result.loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "samples_consumed"):
+            dm.samples_consumed += 1
+
+    def validation_step(self, sample, batch_idx):
+        """Held-out LM loss and next-token accuracy of the target after injecting its contexts into a *copy* of the
+        training memory (official bug 24: validation wrote into the live memory)."""
+        memory = self.memory.clone()
+        row_doc = self.row_doc.clone()
+        contexts = [c.long() for c in sample.contexts][-self.num_contexts(self.global_step):]
+        self._inject_no_grad(contexts, -2, memory, row_doc)
+        ids, mask = self._target(sample, contexts)
+        with torch.no_grad():
+            loss, _ = self.model("lm_loss", ids, mask, self.model.view(memory))
+            logits = self.model.read(memory, ids)[0, :-1]
+        hit = (logits.argmax(-1) == ids[0, 1:])[mask[0, 1:]].float().mean()
+        self.log("val/loss", loss, batch_size=1, sync_dist=True)
+        self.log("val/token_acc", hit, batch_size=1, sync_dist=True)
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        main = [p for n, p in self.model.named_parameters() if p.requires_grad and "retriever" not in n]
+        selector = [p for n, p in self.model.named_parameters() if p.requires_grad and "retriever" in n]
+        groups = [{"params": main, "lr": o.lr, "name": "main"}]
+        if selector:
+            groups.append({"params": selector, "lr": o.selector_lr, "name": "selector"})
+        opt = torch.optim.AdamW(groups, weight_decay=o.weight_decay, betas=tuple(o.betas))
+        if o.schedule == "constant":
+            return opt
+
+        def factor(step: int) -> float:
+            return 1.0 - (1.0 - o.final_lr_factor) * min(step, o.decay_steps) / max(1, o.decay_steps)
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [factor] * len(groups))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if self.cfg.optim.grad_clip > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.optim.grad_clip, gradient_clip_algorithm="norm")
+
+    # ---- per-rank state in checkpoints -------------------------------------------------------------------
+    def rank_state(self) -> dict:
+        c = self.revisit
+        return {
+            "memory": self.memory.state_dict(), "memory_meta": self.memory.meta(),
+            "row_doc": self.row_doc.cpu(), "docs_seen": self.docs_seen,
+            "revisit": {"ids": None if c.ids is None else c.ids.cpu(), "mask": None if c.mask is None else c.mask.cpu(),
+                        "doc": c.doc, "chunks_since": c.chunks_since, "last": c.last_step_was_revisit},
+            "rng": self.rng.getstate(), "evict_gen": self.evict_gen.get_state(),
+            "torch_rng": torch.get_rng_state(), "world_size": self.trainer.world_size,
+        }
+
+    def save_rank_state(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(self.rank_state(), tmp)
+        tmp.replace(path)  # atomic: an interrupted save never leaves a half-written state
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        ckpt_path = self.trainer.ckpt_path if self._trainer is not None else None
+        if ckpt_path is None:
+            return
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        path = rank_state_path(ckpt_path, rank)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} is missing: every rank's memory is saved beside the checkpoint as "
+                f"<ckpt>{RANK_STATE_SUFFIX.format(rank='<r>')}; this checkpoint has none for rank {rank} "
+                f"(world size now {world}). Resume with the world size it was saved with.")
+        self._pending_rank_state = torch.load(path, weights_only=False, map_location="cpu")
+
+    def _restore_rank_state(self, s: dict) -> None:
+        self.memory = MemoryState.from_state_dict(s["memory"], s["memory_meta"])
+        self.row_doc = s["row_doc"]
+        self.docs_seen = s["docs_seen"]
+        r = s["revisit"]
+        self.revisit = RevisitCache(
+            ids=None if r["ids"] is None else r["ids"].to(self.device),
+            mask=None if r["mask"] is None else r["mask"].to(self.device),
+            doc=r["doc"], chunks_since=r["chunks_since"], last_step_was_revisit=r["last"])
+        self.rng.setstate(s["rng"])
+        self.evict_gen.set_state(s["evict_gen"])
+        torch.set_rng_state(s["torch_rng"])
+

@@ -1,0 +1,127 @@
+"""Building the model and its starting memory from a RunConfig, including stage transitions.
+
+Stage 1 -> 2: same pool size; the retriever is new (fresh init, logged). Stage 2 -> 3 (ltm): the pool shrinks from
+num_blocks*K rows to (num_blocks - num_ltm_blocks)*K; the oldest rows move into the long-term memory with keys from the
+stage-2 retriever and their ages. Nothing is silently skipped: any other mismatch is an error naming the key.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from ..config import RunConfig
+from ..model import LongTermMemory, MemoryState, MPlus, MPlusConfig
+from ..model.official import load_llama, load_model, load_state_strict, _read, _weight_files
+
+log = logging.getLogger(__name__)
+
+
+def model_config(cfg: RunConfig, llama: dict | None = None) -> MPlusConfig:
+    m = cfg.model
+    return MPlusConfig(
+        llama=dict(llama if llama is not None else m.llama), num_tokens=m.num_tokens, num_blocks=m.num_blocks,
+        num_ltm_blocks=m.num_ltm_blocks, add_selector=m.add_selector, add_encoder_retriever=m.add_encoder_retriever,
+        selector_hidden_dim=m.selector_hidden_dim, num_selector_layers=m.num_selector_layers, lora_r=m.lora_r,
+        lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, ltm_capacity=m.ltm_capacity)
+
+
+def _require_dir(path: str | None, what: str) -> Path:
+    if not path:
+        raise FileNotFoundError(f"{what}: no path given")
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"{what}: directory {p} does not exist (set it in the config or as key=value)")
+    return p
+
+
+def build_model(cfg: RunConfig) -> MPlus:
+    """The model a run starts from: init_from (previous stage) > model.init."""
+    torch.manual_seed(cfg.trainer.seed)  # same initial weights on every rank
+    if cfg.init_from:
+        return _from_previous_stage(cfg, _require_dir(cfg.init_from, "init_from"))
+    m = cfg.model
+    if m.init == "tiny":
+        return MPlus(model_config(cfg))
+    if m.init == "llama":
+        path = _require_dir(m.path, "model.path (a local HF Llama directory, e.g. Llama-3.1-8B)")
+        import json
+        llama = json.loads((path / "config.json").read_text())
+        return load_llama(path, model_config(cfg, llama))
+    path = _require_dir(m.path, "model.path (an official release or our export)")
+    model = load_model(path)
+    _check_same_architecture(model.config, model_config(cfg, model.config.llama), str(path))
+    return model
+
+
+def _check_same_architecture(have: MPlusConfig, want: MPlusConfig, source: str) -> None:
+    for key in ("num_tokens", "num_blocks", "num_ltm_blocks", "add_selector", "selector_hidden_dim", "lora_r"):
+        if getattr(have, key) != getattr(want, key):
+            raise ValueError(f"{source} has {key}={getattr(have, key)} but the config asks for "
+                             f"model.{key}={getattr(want, key)}")
+
+
+def _from_previous_stage(cfg: RunConfig, path: Path) -> MPlus:
+    """This run's architecture with the previous stage's weights; only new retriever weights may be missing."""
+    prev = MPlusConfig.from_json(path / "config.json")
+    config = model_config(cfg, prev.llama)
+    if config.num_tokens != prev.num_tokens:
+        raise ValueError(f"init_from {path}: num_tokens {prev.num_tokens} -> {config.num_tokens} cannot change")
+    model = MPlus(config)
+    files = _weight_files(path)
+    state = {k: v for k, v in _read(files, list(files)).items()}
+    own = model.state_dict()
+    fresh = sorted(k for k in own if k not in state)
+    if any("retriever" not in k for k in fresh):
+        load_state_strict(model, state, f"init_from {path}")  # raises, naming the keys
+    merged = dict(own)
+    merged.update(state)
+    load_state_strict(model, merged, f"init_from {path}")
+    if fresh:
+        log.info("init_from %s: %d retriever tensors are new in this stage and start from their init", path,
+                 len(fresh))
+    return model
+
+
+def initial_memory(cfg: RunConfig, model: MPlus, seed: int) -> MemoryState:
+    """The memory a run starts with: the previous stage's (resized), the checkpoint's, or a fresh one."""
+    source = cfg.init_from or (cfg.model.path if cfg.model.init == "pretrained" else None)
+    if source is None:
+        return model.new_memory(seed=seed)
+    memory = MemoryState.from_pretrained(source, dtype=model.dtype, device=model.device)
+    return fit_pool(memory, model)
+
+
+@torch.no_grad()
+def fit_pool(memory: MemoryState, model: MPlus) -> MemoryState:
+    """Resize a memory to the model's pool: shrinking moves the oldest rows into the long-term memory."""
+    config = model.config
+    N_old, N_new = memory.size, config.stm_rows
+    if N_old < N_new:
+        raise ValueError(f"the previous stage's pool has {N_old} rows per layer, this stage needs {N_new}: a pool "
+                         "can shrink into the long-term memory but not grow")
+    if config.has_ltm and memory.ltm is None:
+        memory.ltm = LongTermMemory(config.num_layers, config.hidden_size, config.selector_hidden_dim,
+                                    config.ltm_capacity, dtype=memory.dtype, device=memory.device)
+    if N_old == N_new:
+        return memory
+    if not config.has_ltm:
+        raise ValueError(f"pool of {N_old} rows does not fit this stage's {N_new} and there is no long-term memory "
+                         "to move the rest into")
+    move = N_old - N_new
+    slots = memory.slots_in_rank_order()                                      # oldest first
+    old_slots, keep_slots = slots[:, :move], slots[:, move:]
+    d = memory.hidden_size
+    moved = torch.gather(memory.rows, 1, old_slots[..., None].expand(-1, -1, d))
+    moved_ages = torch.gather(memory.ages, 1, old_slots)
+    memory.ltm.add(moved, model("keys", moved), moved_ages)
+    rows = torch.gather(memory.rows, 1, keep_slots[..., None].expand(-1, -1, d))
+    ages = torch.gather(memory.ages, 1, keep_slots)
+    L = memory.num_layers
+    log.info("stage transition: %d oldest rows per layer moved from the short-term pool to the long-term memory",
+             move)
+    return MemoryState(rows=rows.contiguous(), ranks=torch.arange(N_new, device=rows.device).expand(L, N_new).clone(),
+                       ages=ages.contiguous(), num_tokens=memory.num_tokens, ltm=memory.ltm,
+                       initialized=memory.initialized)
