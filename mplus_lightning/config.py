@@ -161,8 +161,6 @@ def _validate(cfg: RunConfig) -> None:
         problems.append(f"optim.schedule: {cfg.optim.schedule!r} is not linear|constant")
     if cfg.model.init not in ("tiny", "llama", "pretrained"):
         problems.append(f"model.init: {cfg.model.init!r} is not tiny|llama|pretrained")
-    if cfg.model.init in ("llama", "pretrained") and not cfg.model.path:
-        problems.append(f"model.path: required for model.init={cfg.model.init} (a local directory)")
     if cfg.model.init == "tiny" and not cfg.model.llama:
         problems.append("model.llama: init=tiny needs the LlamaConfig fields (hidden_size, num_hidden_layers, ...)")
     if cfg.stage == "ltm" and cfg.model.num_ltm_blocks < 1:

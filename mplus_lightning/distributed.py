@@ -24,6 +24,15 @@ def build_strategy(cfg: RunConfig):
                                  save_distributed_checkpoint=True)
 
 
+def checkpoint_layers(model) -> None:
+    """Wrap each decoder layer for activation checkpointing (non-reentrant; state-dict keys are unchanged)."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = model.llama.model.layers
+    for i in range(len(layers)):
+        layers[i] = checkpoint_wrapper(layers[i])
+
+
 def shard_backbone(model, mesh, *, param_dtype: torch.dtype | None = None,
                    reduce_dtype: torch.dtype = torch.float32, activation_checkpointing: bool = False) -> int:
     """fully_shard every decoder layer, then the root. Returns the number of layers sharded; raises if none."""
@@ -32,17 +41,14 @@ def shard_backbone(model, mesh, *, param_dtype: torch.dtype | None = None,
     from .model.mplus import MemoryDecoderLayer
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
-    layers = model.llama.model.layers
+    if activation_checkpointing:
+        checkpoint_layers(model)
     sharded = 0
-    for i, layer in enumerate(layers):
-        if not isinstance(layer, MemoryDecoderLayer):
-            continue
-        if activation_checkpointing:
-            from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
-            layer = checkpoint_wrapper(layer)
-            layers[i] = layer
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-        sharded += 1
+    for layer in model.llama.model.layers:
+        inner = getattr(layer, "_checkpoint_wrapped_module", layer)
+        if isinstance(inner, MemoryDecoderLayer):
+            fully_shard(layer, mesh=mesh, mp_policy=mp)
+            sharded += 1
     if sharded == 0:
         raise RuntimeError("shard_backbone: no MemoryDecoderLayer found to shard")
     fully_shard(model, mesh=mesh, mp_policy=mp)

@@ -64,10 +64,16 @@ def build_datamodule(cfg: RunConfig):
 
 
 def instruction_ids(cfg: RunConfig, datamodule) -> list[int]:
-    encode = getattr(datamodule, "encode", None)
-    if encode is None:
-        raise ConfigError(f"data.kind={cfg.data.kind} has no tokenizer to encode data.instruction")
-    ids = list(encode(cfg.data.instruction))
+    """The repeat task's instruction in token ids: the data's tokenizer, or for tokenizer-less synthetic data a
+    fixed byte mapping into the non-special ids (any fixed sequence serves as an instruction there)."""
+    tokenizer = getattr(datamodule, "tokenizer", None)
+    if tokenizer is not None:
+        from .data.tokenizer import encode
+        ids = encode(tokenizer, cfg.data.instruction)
+    else:
+        first = getattr(datamodule, "first_token_id", 3)
+        vocab = getattr(datamodule, "model_vocab_size", None) or cfg.model.llama.get("vocab_size", 256)
+        ids = [first + b % (vocab - first) for b in cfg.data.instruction.encode()]
     if not ids:
         raise ConfigError(f"data.instruction {cfg.data.instruction!r} encodes to no tokens")
     return ids

@@ -63,6 +63,10 @@ class MemoryKVCache:
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
 
     def prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Start layer `layer` over with the memory prefix (activation checkpointing re-runs a layer: no stacking)."""
+        if self.capacity is None:
+            self.keys[layer] = self.values[layer] = None
+        self.lengths[layer] = 0
         self._put(layer, k, v)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):

@@ -86,6 +86,24 @@ class MemoryTrainingModule(L.LightningModule):
         if cfg.stage != self.stage:
             raise ValueError(f"{type(self).__name__} trains {self.stage}, config says stage={cfg.stage}")
 
+    def configure_model(self) -> None:
+        """FSDP2: shard each decoder layer, then the root (ModelParallelStrategy); activation checkpointing per layer
+        on request. The adapter is a forward argument of each layer, so recomputation uses the right one."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        from ..distributed import checkpoint_layers, shard_backbone
+
+        if getattr(self, "_configured", False):
+            return
+        self._configured = True
+        ac = self.cfg.trainer.activation_checkpointing
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            param_dtype = torch.bfloat16 if self.cfg.trainer.precision.startswith("bf16") else None
+            shard_backbone(self.model, self.device_mesh["data_parallel"], param_dtype=param_dtype,
+                           activation_checkpointing=ac)
+        elif ac:
+            checkpoint_layers(self.model)
+
     # ---- memory lifecycle ------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         rank = self.trainer.global_rank if self._trainer is not None else 0
@@ -252,6 +270,7 @@ class MemoryTrainingModule(L.LightningModule):
                 f"non-finite training loss ({result.loss.item()}) at step {self.global_step} ({result.kind} step, "
                 f"document {getattr(sample, 'doc_id', '?')}): stopping. Nothing was saved after the last good "
                 "checkpoint; resume from it with a lower learning rate (optim.lr) or check the data.")
+        self._count_sample()
         elapsed = time.perf_counter() - self._t0
         self._t0 = time.perf_counter()
         log = dict(on_step=True, on_epoch=False, batch_size=1)
@@ -265,8 +284,10 @@ class MemoryTrainingModule(L.LightningModule):
             self.log("ltm/size", float(len(self.memory.ltm)), **log)
         return result.loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
+    def _count_sample(self) -> None:
+        """Advance the data position (saved in checkpoints) here, not in on_train_batch_end: ModelCheckpoint saves
+        in its own on_train_batch_end, which Lightning calls before the module's."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "samples_consumed"):
             dm.samples_consumed += 1
 
