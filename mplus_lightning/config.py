@@ -42,6 +42,8 @@ class ModelConfig:
     lora_dropout: float = 0.1
     ltm_capacity: int = 153_600
     """Long-term rows per layer before the oldest leave."""
+    train_backbone: bool = False
+    """Also train the Llama weights (official: frozen). For tiny models trained from scratch (the CPU demo)."""
 
 
 @dataclass

@@ -229,11 +229,12 @@ class MPlus(nn.Module):
             if bos_id is not None and 0 <= bos_id < emb.shape[0] and emb.device.type != "meta":
                 layer.memory_bos.copy_(emb[bos_id])
 
-    def freeze_backbone(self) -> None:
-        """Train only what the official stages train: both adapters, BOS vectors, e, and the retrievers."""
+    def freeze_backbone(self, train_backbone: bool = False) -> None:
+        """Train only what the official stages train: both adapters, BOS vectors, e, and the retrievers.
+        `train_backbone` also trains the Llama weights (tiny models trained from scratch, e.g. the CPU demo)."""
         for name, p in self.named_parameters():
-            p.requires_grad_(("lora_" in name) or name.endswith("memory_bos") or "retriever" in name
-                             or name == "new_memory_embedding")
+            p.requires_grad_(train_backbone or ("lora_" in name) or name.endswith("memory_bos")
+                             or "retriever" in name or name == "new_memory_embedding")
 
     @property
     def layers(self) -> nn.ModuleList:

@@ -38,7 +38,13 @@ def _require_dir(path: str | None, what: str) -> Path:
 
 
 def build_model(cfg: RunConfig) -> MPlus:
-    """The model a run starts from: init_from (previous stage) > model.init."""
+    """The model a run starts from: init_from (previous stage) > model.init; trainable parts per the config."""
+    model = _build_weights(cfg)
+    model.freeze_backbone(cfg.model.train_backbone)
+    return model
+
+
+def _build_weights(cfg: RunConfig) -> MPlus:
     torch.manual_seed(cfg.trainer.seed)  # same initial weights on every rank
     if cfg.init_from:
         return _from_previous_stage(cfg, _require_dir(cfg.init_from, "init_from"))
