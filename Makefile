@@ -28,5 +28,19 @@ demo: setup  ## the embedded default: tiny M+ on CPU — inject facts, read them
 bench: setup  ## inference benchmark at the `mid` shape (prints JSON)
 	$(PY) -m mplus_lightning.bench inference --shape mid
 
+tiny: setup  ## train the tiny CPU model through stage 1 -> 2 -> 3 (a few minutes)
+	$(PY) -m mplus_lightning.fit --config experiments/tiny.yaml
+	$(PY) -m mplus_lightning.fit --config experiments/tiny_stage2.yaml
+	$(PY) -m mplus_lightning.fit --config experiments/tiny_ltm.yaml
+
+stage1: setup  ## stage 1 on Llama-3.1-8B (fill the paths in experiments/stage1.yaml or pass ARGS="key=value ...")
+	$(PY) -m mplus_lightning.fit --config experiments/stage1.yaml $(ARGS)
+
+stage2: setup  ## stage 2 (long documents + retriever), from stage 1's export
+	$(PY) -m mplus_lightning.fit --config experiments/stage2.yaml $(ARGS)
+
+stage3: setup  ## stage 3 (ltm: long-term memory), from stage 2's export
+	$(PY) -m mplus_lightning.fit --config experiments/ltm.yaml $(ARGS)
+
 clean:  ## remove generated outputs (keeps .venv)
 	rm -rf checkpoints/runs bench_out data/generated

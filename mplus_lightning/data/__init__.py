@@ -1,0 +1,55 @@
+"""Training data: the document -> sample rule, sharded and resumable streams, one DataModule per dataset.
+
+* `sample`: `Sample`, `SampleRule`, `make_sample` (research/training.md §1.3 in one place).
+* `tokenizer`: `load_tokenizer`, `encode`, `check_tokenizer`, `train_tiny_tokenizer`.
+* `stream`: `SampleStream` (rank/worker sharding, resume, epoch ends), `SampleLoader`, `collate_single`,
+  `SampleDataModule` (carries ``samples_consumed`` in checkpoints), `SyntheticDataModule`.
+* `fineweb`: `FineWebDataModule` (stage 1; fine-web-edu parquet / jsonl shards).
+* `slimpajama`: the long-document bucket builder (``python -m mplus_lightning.data.slimpajama build``) and
+  `SlimPajamaDataModule`.
+* `mixture`: `MixtureDataModule` (stages 2/3: fine-web + buckets by ratio).
+
+Evaluation sets (retention, long books, LongBench) live beside these in their own modules.
+
+Names are imported on first use, so that ``python -m mplus_lightning.data.slimpajama`` does not import its own module
+twice and ``import mplus_lightning.data`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Sample": "sample", "SampleRule": "sample", "make_sample": "sample",
+    "load_tokenizer": "tokenizer", "encode": "tokenizer", "check_tokenizer": "tokenizer",
+    "train_tiny_tokenizer": "tokenizer",
+    "DataFormatError": "stream", "DocumentSource": "stream", "SampleDataModule": "stream", "SampleLoader": "stream",
+    "SampleStream": "stream", "SourceSpec": "stream", "SyntheticDataModule": "stream",
+    "SyntheticDocuments": "stream", "collate_single": "stream",
+    "FineWebDataModule": "fineweb",
+    "BUCKETS": "slimpajama", "SlimPajamaDataModule": "slimpajama", "build_buckets": "slimpajama",
+    "MixtureDataModule": "mixture", "STAGE2_RATIOS": "mixture", "STAGE3_RATIOS": "mixture",
+}
+
+DATAMODULE_PATHS = {
+    "synthetic": "mplus_lightning.data.stream:SyntheticDataModule",
+    "fineweb": "mplus_lightning.data.fineweb:FineWebDataModule",
+    "slimpajama": "mplus_lightning.data.slimpajama:SlimPajamaDataModule",
+    "mixture": "mplus_lightning.data.mixture:MixtureDataModule",
+}
+"""`DataConfig.kind` -> ``module:Class`` of the training DataModules; each takes `DataConfig.params` as keywords."""
+
+__all__ = sorted([*_EXPORTS, "DATAMODULE_PATHS"])
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

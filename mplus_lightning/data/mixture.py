@@ -1,0 +1,122 @@
+"""Stages 2/3: fine-web short documents mixed with the four SlimPajama long-document buckets.
+
+Ratios are shares of *samples* (rejected documents are skipped within their source, so they do not shift the mix):
+
+* stage 2 (`STAGE2_RATIOS`): fineweb : 4k-8k : 8k-16k : 16k-32k : 32k-64k = 1 : 1 : 1 : 1 : 1, the paper's mix
+  (official: 200k fine-web + 4 x 200k bucket documents, shuffled together; research/training.md §3);
+* stage 3 (`STAGE3_RATIOS`): each bucket 0.025, fine-web the remaining 0.9 (official stage-3 config, §4).
+
+Each sample's source is drawn with the seeded per-position generator of `SampleStream` (module
+`mplus_lightning.data.stream`), so the mix is deterministic, sharded over ranks and workers, and resumes exactly.
+
+When a source runs out (every document of this rank's share of it has been used once):
+
+* ``num_epochs=None`` (the default, ``on_exhausted="cycle"``): that source begins a new pass in a new order while the
+  others go on, and the loader logs ``source '4k-8k' begins pass 2 at sample N``. The ratios stay as configured.
+* ``num_epochs=1`` (``on_exhausted="stop"``): the stream ends at the first sample that would need a second pass of
+  any source (with several ranks, all ranks stop at the same step); `SampleDataModule` logs it and asks the trainer
+  to stop. This is the paper's "one epoch", without the official crash (training.md §7 item 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from .fineweb import DEFAULT_DUMP, FineWebDataModule
+from .sample import Sample
+from .slimpajama import BUCKETS, bucket_sources, check_bucket_tokenizer
+from .stream import SourceSpec, TokenizedDataModule
+
+STAGE2_RATIOS: dict[str, float] = {"fineweb": 0.2, **{b: 0.2 for b in BUCKETS}}
+STAGE3_RATIOS: dict[str, float] = {"fineweb": 0.9, **{b: 0.025 for b in BUCKETS}}
+PRESETS = {"stage2": STAGE2_RATIOS, "stage3": STAGE3_RATIOS, "ltm": STAGE3_RATIOS}
+ON_EXHAUSTED = {"cycle": None, "stop": 1}
+
+
+def resolve_ratios(ratios: str | dict[str, float]) -> dict[str, float]:
+    """A preset name (``stage2``, ``stage3`` / ``ltm``) or a dict over ``fineweb`` and the bucket names."""
+    if isinstance(ratios, str):
+        if ratios not in PRESETS:
+            raise ValueError(f"ratios={ratios!r}: expected one of {sorted(PRESETS)} or a dict")
+        return dict(PRESETS[ratios])
+    known = {"fineweb", *BUCKETS}
+    out = {str(k): float(v) for k, v in dict(ratios).items()}
+    if set(out) - known:
+        raise ValueError(f"ratios: unknown source(s) {sorted(set(out) - known)}; known: {sorted(known)}")
+    if any(v < 0 for v in out.values()) or sum(out.values()) <= 0:
+        raise ValueError(f"ratios must be >= 0 with a positive sum, got {out}")
+    return out
+
+
+class MixtureDataModule(TokenizedDataModule):
+    """fine-web + SlimPajama buckets, mixed by ratio (module docstring).
+
+    Args:
+        fineweb: fine-web download folder (`FineWebDataModule`'s `path`); may be None when its ratio is 0.
+        buckets: the SlimPajama builder's output folder (or its ``val`` subfolder); may be None when every bucket
+            ratio is 0.
+        tokenizer: local tokenizer directory (or a loaded tokenizer): the one the buckets were built with.
+        ratios: ``stage2`` (1:1:1:1:1), ``stage3`` (0.9 fine-web, 0.025 per bucket) or a dict; normalized.
+        on_exhausted: ``cycle`` (a source that runs out starts a new pass, logged) or ``stop`` (the stream ends);
+            ignored when `num_epochs` is given explicitly.
+        longdoc_min_length: shortest chunk/target of the long documents (fine-web uses ``rule.min_length``).
+        dump, val_docs, val_size, train_start, max_train_docs, cache_dir, text_field, on_bad_line: fine-web options
+            (`FineWebDataModule`); validation uses the fine-web held-out documents.
+        **kwargs: `SampleDataModule` options (rule, seed, num_workers, num_epochs, shuffle, vocab_size, ...).
+    """
+
+    def __init__(self, fineweb: str | Path | None, buckets: str | Path | None, tokenizer: str | Path | Any, *,
+                 ratios: str | dict[str, float] = "stage2", on_exhausted: str = "cycle", longdoc_min_length: int = 384,
+                 dump: str | None = DEFAULT_DUMP, val_docs: int = 50_000, val_size: int = 1_000, train_start: int = 0,
+                 max_train_docs: int | None = None, cache_dir: str | Path | None = None, text_field: str = "text",
+                 on_bad_line: str = "error", progress: bool = True, **kwargs: Any):
+        if on_exhausted not in ON_EXHAUSTED:
+            raise ValueError(f"on_exhausted={on_exhausted!r}: expected one of {sorted(ON_EXHAUSTED)}")
+        kwargs.setdefault("num_epochs", ON_EXHAUSTED[on_exhausted])
+        super().__init__(tokenizer, **kwargs)
+        self.ratios = resolve_ratios(ratios)
+        self.on_exhausted, self.longdoc_min_length = on_exhausted, longdoc_min_length
+        self.buckets_dir = None if buckets is None else Path(buckets)
+        if self.ratios.get("fineweb", 0) > 0 and fineweb is None:
+            raise ValueError("ratios give fine-web a share but fineweb (its folder) is None")
+        if any(self.ratios.get(b, 0) > 0 for b in BUCKETS) and buckets is None:
+            raise ValueError("ratios give the long-document buckets a share but buckets (their folder) is None")
+        self.fineweb: FineWebDataModule | None = None
+        """The fine-web part (its text cache, held-out split and validation set)."""
+        if fineweb is not None:
+            self.fineweb = FineWebDataModule(
+                fineweb, self._tokenizer_arg, dump=dump, text_field=text_field, val_docs=val_docs,
+                val_size=val_size, train_start=train_start, max_train_docs=max_train_docs, cache_dir=cache_dir,
+                on_bad_line=on_bad_line, progress=progress, rule=self.rule, seed=self.seed)
+
+    def prepare_data(self) -> None:
+        if self.fineweb is not None:
+            self.fineweb.prepare_data()
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if self.fineweb is not None:
+            self.fineweb._tokenizer = self.tokenizer
+            self.fineweb.setup(stage)
+        self.sources()  # a missing or empty bucket is an error before training starts
+        if self.buckets_dir is not None and any(self.ratios.get(b, 0) > 0 for b in BUCKETS):
+            check_bucket_tokenizer(self.buckets_dir, self.tokenizer)
+
+    def train_sources(self) -> list[SourceSpec]:
+        specs: list[SourceSpec] = []
+        if self.ratios.get("fineweb", 0) > 0:
+            assert self.fineweb is not None
+            self.fineweb._tokenizer = self.tokenizer
+            specs.append(SourceSpec("fineweb", self.fineweb.train_documents(), self.ratios["fineweb"]))
+        weights = {b: self.ratios.get(b, 0.0) for b in BUCKETS if self.ratios.get(b, 0.0) > 0}
+        if weights:
+            assert self.buckets_dir is not None
+            specs += bucket_sources(self.buckets_dir, self.tokenizer, weights, self.longdoc_min_length)
+        return specs
+
+    def val_samples(self) -> list[Sample]:
+        if self.fineweb is None:
+            return []
+        self.fineweb._tokenizer = self.tokenizer
+        return self.fineweb.val_samples()
