@@ -1,0 +1,203 @@
+"""Typed configuration of the four evaluations (OmegaConf structured dataclasses).
+
+Precedence: the dataclass defaults <- `experiments/eval_<task>.yaml` (or `--config FILE`) <- the command-line flags
+(`--model`, `--data`, ...) <- `key=value` overrides. Unknown keys and ill-typed values are errors that name the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class CommonConfig:
+    model: str = MISSING
+    """Model directory: our export (config.json + model.safetensors + memory/) or an official release."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory or tokenizer.json; default: the model directory."""
+    data: Optional[str] = None
+    """Data file or directory (see each task)."""
+    out: Optional[str] = None
+    """Output directory; default checkpoints/eval/<task>/<model directory name>."""
+    device: str = "auto"
+    """auto (cuda if available), cpu, cuda, cuda:1, ..."""
+    dtype: str = "auto"
+    """auto (bfloat16 on cuda, float32 on cpu), float32, bfloat16, float16."""
+    seed: int = 0
+    """Seeds the random memory evictions, per item, so reruns and resumed runs are identical."""
+    limit: Optional[int] = None
+    """Evaluate only the first n items (per subset); None = all."""
+    overwrite: bool = False
+    """Discard results already in `out` instead of resuming."""
+    progress: bool = True
+    """Progress bars with ETA."""
+    tensorboard: bool = True
+    """Also write TensorBoard scalars under out/tensorboard."""
+
+
+@dataclass
+class RetentionConfig(CommonConfig):
+    dataset: str = "auto"
+    """squad | nq | processed | auto (detected from the files under `data`)."""
+    index: Optional[str] = "auto"
+    """Index .npy selecting items: auto (indices_squad_3.npy / indices_nq_4.npy beside the data), none, or a path."""
+    num_items: Optional[int] = 100
+    """First n selected items (the paper uses 100)."""
+    distractors: str = "auto"
+    """auto (SQuAD train for squad and nq, the paper's choice; the processed layout's own file), squad_train,
+    nq_train (the official NQ script), processed."""
+    distractor_path: Optional[str] = None
+    """Distractor source file; default found beside the data (../squad/train-v2.0.json for nq)."""
+    distractor_min_tokens: Optional[int] = None
+    """Concatenate source texts until this many tokens; None: 768 (squad_train), 513 (nq_train), 0 (processed)."""
+    distractor_tokens: int = 512
+    """Each distractor is cut to this many tokens."""
+    distances: list[int] = field(default_factory=lambda: [0] + [10_000 * i for i in range(1, 17)])
+    """Score after at least this many tokens were injected after the context (0 = right after it)."""
+    context_tokens: int = 512
+    """The context prompt is truncated to this many tokens (official)."""
+    context_template: Optional[str] = None
+    """Default per dataset: 'Context: {context}' (squad, nq), '{context}' (processed)."""
+    question_template: Optional[str] = None
+    """Default per dataset: 'Questions: {question} Answer:' (squad), 'Questions: {question}? Answer:' (nq),
+    'Question: {question} Answer:' (processed)."""
+    max_new_tokens: int = 10
+    modes: list[str] = field(default_factory=lambda: ["mplus", "memoryllm"])
+    """mplus: read with the long-term memory; memoryllm: read the short-term pool only (same injections)."""
+    borderline: bool = True
+    """Also ask every question without its context (the no-context 'borderline' accuracy)."""
+
+
+@dataclass
+class LongContextConfig(CommonConfig):
+    methods: list[str] = field(default_factory=lambda: ["mplus", "window"])
+    """mplus, memoryllm (long-term memory off) and window (the backbone alone, LoRA off, on the last tokens)."""
+    window_tokens: int = 2048
+    """Tokens the memory model reads directly (generated tokens included)."""
+    chunk_tokens: int = 512
+    """Injected chunk size."""
+    min_chunk_tokens: int = 16
+    truncation: str = "tail"
+    """tail (MemoryLLM scripts) or middle (official LongBench) when the prompt exceeds max_length."""
+    prefill_block: int = 2048
+    """The window baseline pre-fills long prompts in blocks of this many tokens."""
+    truncate_at_newline: bool = False
+    """Score only the first line of a prediction (official LongBench does so only for trec/triviaqa/samsum/lsht)."""
+
+
+@dataclass
+class LongBookConfig(LongContextConfig):
+    task: str = "qa"
+    """qa (longbook_qa_eng.jsonl) or event_qa (a user-supplied Event-QA file, see data/longbook.py)."""
+    max_length: Optional[int] = None
+    """Truncate the prompt to this many tokens; None = the whole book goes through memory."""
+    baseline_max_length: int = 16_384
+    """The window baseline reads the last this-many tokens (Llama-3.1-8B-16k in the paper)."""
+    max_new_tokens: int = 40
+    template: Optional[str] = None
+    """Prompt with {context} and {question} (qa) or {context}, {past_events}, {options} (event_qa)."""
+    event_scoring: str = "letter"
+    """event_qa: letter (highest next-token logit among the option letters) or loglik (option text likelihood)."""
+
+
+@dataclass
+class LongBenchConfig(LongContextConfig):
+    subsets: list[str] = field(default_factory=lambda: ["2wikimqa", "hotpotqa", "qasper", "musique",
+                                                        "multifieldqa_en", "narrativeqa"])
+    max_length: Optional[int] = 8192
+    """8192 or 16384 in the paper (Tables 2-3)."""
+    baseline_max_length: Optional[int] = None
+    """The window baseline's input length; None = max_length."""
+    max_new_tokens: dict[str, int] = field(default_factory=lambda: {
+        "narrativeqa": 128, "qasper": 128, "multifieldqa_en": 64, "hotpotqa": 32, "2wikimqa": 32, "musique": 32})
+    prompts: Optional[str] = None
+    """A dataset2prompt.json-style file overriding the official templates."""
+
+
+@dataclass
+class CostConfig(CommonConfig):
+    lengths: list[int] = field(default_factory=lambda: [16_384, 32_768, 65_536, 131_072])
+    """Input lengths in tokens."""
+    methods: list[str] = field(default_factory=lambda: ["mplus", "memoryllm", "window"])
+    window_tokens: int = 2048
+    """Memory models inject length - window tokens, then predict the last token from window - 1 tokens."""
+    chunk_tokens: int = 512
+    prefill_block: int = 2048
+    """The window baseline processes its input in blocks of this many tokens (same result, bounded mask size)."""
+    repeats: int = 1
+    """Timed repetitions per point (the minimum is reported)."""
+    warmup: bool = True
+    """One short untimed run of each method first (kernel selection, allocator warm-up)."""
+
+
+TASKS: dict[str, type] = {"retention": RetentionConfig, "longbook": LongBookConfig, "longbench": LongBenchConfig,
+                          "cost": CostConfig}
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is wrong; the message names it."""
+
+
+def default_yaml(task: str) -> Path:
+    """experiments/eval_<task>.yaml of the working directory if there is one, else of this checkout."""
+    name = Path("experiments") / f"eval_{task}.yaml"
+    return name.resolve() if name.is_file() else REPO_ROOT / name
+
+
+def load_config(task: str, yaml_path: str | Path | None = None, overrides: list[str] = (),
+                flags: dict[str, Any] | None = None, *, use_default_yaml: bool = True):
+    """The resolved config object (a dataclass instance) of `task`."""
+    if task not in TASKS:
+        raise ConfigError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
+    schema = TASKS[task]
+    cfg = OmegaConf.structured(schema)
+    sources: list[tuple[str, Any]] = []
+    if yaml_path is None and use_default_yaml and default_yaml(task).is_file():
+        yaml_path = default_yaml(task)
+    if yaml_path is not None:
+        yaml_path = Path(yaml_path)
+        if not yaml_path.is_file():
+            raise ConfigError(f"config file {yaml_path} does not exist")
+        try:
+            sources.append((str(yaml_path), OmegaConf.load(yaml_path)))
+        except Exception as e:  # yaml errors come in several types
+            raise ConfigError(f"{yaml_path}: not valid YAML ({e})") from None
+    if flags:
+        sources.append(("command-line flags", OmegaConf.create({k: v for k, v in flags.items() if v is not None})))
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"overrides must look like key=value, got {bad}")
+    if overrides:
+        sources.append(("key=value overrides", OmegaConf.from_dotlist(list(overrides))))
+    valid = ", ".join(f.name for f in fields(schema))
+    for name, src in sources:
+        try:
+            cfg = OmegaConf.merge(cfg, src)
+        except OmegaConfBaseException as e:
+            key = getattr(e, "full_key", None) or getattr(e, "key", None)
+            what = "unknown key" if " not in " in str(e) else "bad value for key"
+            raise ConfigError(f"{name}: {what} {key!r} of the {task} config ({_short(e)}); valid keys: "
+                              f"{valid}") from None
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or getattr(e, "key", None)
+        if "missing mandatory value" in str(e).lower():
+            raise ConfigError(f"the {task} evaluation needs `{key}` (e.g. --{key} DIR)") from None
+        raise ConfigError(f"{task} config key {key!r}: {_short(e)}") from None
+    return obj
+
+
+def _short(e: Exception) -> str:
+    return str(e).split("\n")[0]
+
+
+def to_dict(cfg) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)

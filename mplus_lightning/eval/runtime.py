@@ -1,0 +1,290 @@
+"""What every evaluation needs at run time: loading a checkpoint and its tokenizer, the memory modes, greedy decoding,
+the plain-window backbone baseline, and the per-run output directory with its resume manifest.
+
+Memory modes. Every item starts from a *copy* of the checkpoint's memory (never a zeroed pool: the trained pool is
+part of the model). MemoryLLM mode on an M+ checkpoint means reading without the long-term memory. The write pass
+never looks at the long-term memory (it sees only the newest short-term block), and evictions use the same random
+draws either way, so the short-term pool evolves identically with or without it. We therefore inject once and read
+twice: `memory_view(mem, "memoryllm")` shares the short-term tensors and carries an *empty* LongTermMemory, which
+the read pass skips (so the prompt keeps its positions after the K0 reserved slots, as in M+). For cost runs, where
+the long-term memory's growth is what is measured, `inject(..., mode="memoryllm")` also empties it after every
+write (`ltm.size = 0`), so the store never grows.
+
+The window baseline is the backbone alone: the same HF decoder layers called with no adapter active (the base
+weights alone), no memory prefix, the BOS token at position 0, and ordinary causal
+attention. Long inputs are pre-filled in blocks, which gives the same result with a bounded mask size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import LongTermMemory, MemoryState, MPlus
+from ..model.mplus import MemoryKVCache
+from .config import to_dict
+from .io import ResultStore, write_json
+
+BACKBONE_ADAPTER = None   # no adapter active: the layers run their base weights (MemoryDecoderLayer.forward)
+MODES = ("mplus", "memoryllm")
+
+
+class EvalInputError(ValueError):
+    """A user-facing problem with the inputs of an evaluation (paths, layouts, options)."""
+
+
+# ---- devices and loading ----------------------------------------------------------------------------------------
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise EvalInputError(f"device={name} but CUDA is not available (use device=cpu)")
+    return dev
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise EvalInputError(f"dtype must be auto, float32, bfloat16 or float16, got {name!r}")
+    return table[name]
+
+
+def check_model_dir(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise EvalInputError(f"model directory {path} does not exist: expected a directory with config.json and "
+                             "model.safetensors (+ memory/), written by export/save_pretrained, or an official "
+                             "release (YuWangX/mplus-8b, memoryllm-8b) downloaded to local disk")
+    if not (path / "config.json").is_file():
+        raise EvalInputError(f"model directory {path} has no config.json: expected an M+ / MemoryLLM checkpoint "
+                             "directory (config.json + model.safetensors or model.safetensors.index.json)")
+    return path
+
+
+def load_checkpoint(path: str | Path, device: torch.device, dtype: torch.dtype) -> tuple[MPlus, MemoryState]:
+    """The model and the memory stored with it (our export's memory/ or the official tensors)."""
+    path = check_model_dir(path)
+    model = MPlus.from_pretrained(path, dtype=dtype, device=device).eval()
+    memory = MemoryState.from_pretrained(path, dtype=dtype, device=device)
+    memory.check_compatible(model.config)
+    if not memory.initialized:
+        warnings.warn(f"{path}: the stored memory is uninitialised (never written); the first injection of every "
+                      "item fills the whole pool", stacklevel=2)
+    return model, memory
+
+
+def load_tokenizer(path: str | Path):
+    """A tokenizer with `encode(text, add_special_tokens=False)` and `decode(ids)` from a directory or tokenizer.json.
+
+    A directory with tokenizer.json goes through the project's loader (`mplus_lightning.data.tokenizer`); one with
+    only tokenizer_config.json / tokenizer.model (a slow sentencepiece tokenizer) through AutoTokenizer.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise EvalInputError(f"tokenizer path {path} does not exist: pass --tokenizer DIR (a Hugging Face tokenizer "
+                             "directory with tokenizer.json, e.g. the Llama-3.1-8B directory)")
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    if path.is_file():
+        return PreTrainedTokenizerFast(tokenizer_file=str(path))
+    if (path / "tokenizer.json").is_file():
+        from ..data.tokenizer import load_tokenizer as project_loader
+        return project_loader(path)
+    if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.model").is_file():
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    raise EvalInputError(f"no tokenizer in {path}: expected tokenizer.json (or tokenizer_config.json / "
+                         "tokenizer.model); pass --tokenizer PATH (e.g. the Llama-3.1-8B directory)")
+
+
+def encode(tok, text: str) -> list[int]:
+    """Token ids without special tokens (no BOS: every memory layer has its own). With a Hugging Face tokenizer,
+    special-token strings inside the text are encoded as plain text (as the training data is)."""
+    if callable(tok):
+        try:
+            return [int(i) for i in tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]]
+        except TypeError:
+            pass
+    try:
+        out = tok.encode(text, add_special_tokens=False)
+    except TypeError:
+        out = tok.encode(text)
+    return [int(i) for i in (out.ids if hasattr(out, "ids") else out)]
+
+
+def decode(tok, ids: list[int]) -> str:
+    try:
+        return tok.decode(list(ids), skip_special_tokens=True)
+    except TypeError:
+        return tok.decode(list(ids))
+
+
+# ---- memory modes -----------------------------------------------------------------------------------------------
+def memory_view(memory: MemoryState, mode: str) -> MemoryState:
+    """The memory as `mode` reads it: mplus = itself; memoryllm = same short-term pool, empty long-term memory."""
+    if mode == "mplus" or memory.ltm is None:
+        return memory
+    if mode != "memoryllm":
+        raise EvalInputError(f"memory mode must be one of {MODES}, got {mode!r}")
+    ltm = memory.ltm
+    empty = LongTermMemory(memory.num_layers, memory.hidden_size, ltm.key_size, ltm.capacity, dtype=memory.dtype,
+                           device=memory.device)
+    return MemoryState(rows=memory.rows, ranks=memory.ranks, ages=memory.ages, num_tokens=memory.num_tokens,
+                       ltm=empty, initialized=memory.initialized)
+
+
+def start_memory(base: MemoryState, mode: str = "mplus") -> MemoryState:
+    """An independent copy of the checkpoint memory for one item (memoryllm: with an emptied long-term memory)."""
+    mem = base.clone()
+    if mode == "memoryllm" and mem.ltm is not None:
+        mem.ltm.size = 0
+    return mem
+
+
+def inject(model: MPlus, memory: MemoryState, ids: list[int], generator: torch.Generator, mode: str = "mplus"
+           ) -> None:
+    """Write one chunk and commit it; in memoryllm mode the long-term memory is emptied again afterwards."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="writing a chunk of")
+        model.inject(memory, torch.tensor([ids], dtype=torch.long, device=model.device), generator=generator)
+    if mode == "memoryllm" and memory.ltm is not None:
+        memory.ltm.size = 0
+
+
+def item_generator(seed: int, *key: Any) -> torch.Generator:
+    """A CPU generator seeded from (seed, key): the same item gets the same evictions in every (resumed) run."""
+    digest = hashlib.sha256(json.dumps([seed, *key], default=str).encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def strip_eos(ids: list[int], eos) -> list[int]:
+    eos_set = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+    out = []
+    for t in ids:
+        if t in eos_set:
+            break
+        out.append(t)
+    return out
+
+
+@torch.no_grad()
+def generate_ids(model: MPlus, memory: MemoryState, ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy continuation of `ids` against `memory` (new ids only, cut at EOS)."""
+    out = model.generate(memory, torch.tensor([ids], dtype=torch.long, device=model.device),
+                         max_new_tokens=max_new_tokens, do_sample=False)
+    return strip_eos(out[0, len(ids):].tolist(), model.llama.config.eos_token_id)
+
+
+# ---- the plain-window backbone ----------------------------------------------------------------------------------
+class Backbone:
+    """The checkpoint's Llama without memory and without LoRA: the plain-window baseline."""
+
+    def __init__(self, model: MPlus, prefill_block: int = 2048):
+        if prefill_block < 1:
+            raise EvalInputError(f"prefill_block must be >= 1, got {prefill_block}")
+        self.model = model
+        self.block = prefill_block
+        self.bos = model.llama.config.bos_token_id
+        self.eos = model.llama.config.eos_token_id
+
+    def _with_bos(self, ids: list[int]) -> list[int]:
+        ids = [t for t in ids if t != self.bos]
+        return ([self.bos] if self.bos is not None else []) + ids
+
+    def _run(self, h: torch.Tensor, start: int, cache: MemoryKVCache) -> torch.Tensor:
+        m = self.model
+        pos = m.rotary(h, torch.arange(start, start + h.shape[1], device=h.device)[None])
+        for layer in m.layers:
+            h = layer(h, adapter=BACKBONE_ADAPTER, position_embeddings=pos, rotary=m.rotary, cache=cache)
+        return h
+
+    def _prefill(self, ids: list[int], cache: MemoryKVCache) -> torch.Tensor:
+        m = self.model
+        x = torch.tensor([ids], dtype=torch.long, device=m.device)
+        h = None
+        for s in range(0, len(ids), self.block):
+            h = self._run(m.llama.model.embed_tokens(x[:, s:s + self.block]), s, cache)
+        return h[:, -1:]
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return self.model.llama.lm_head(self.model.llama.model.norm(h))[:, -1]
+
+    @torch.no_grad()
+    def forward_logits(self, ids: list[int]) -> torch.Tensor:
+        """Logits [B=1, n, V] of a whole (short) input, BOS prepended (for parity tests)."""
+        seq = self._with_bos(ids)
+        cache = MemoryKVCache(len(self.model.layers))
+        x = torch.tensor([seq], dtype=torch.long, device=self.model.device)
+        h = self._run(self.model.llama.model.embed_tokens(x), 0, cache)
+        return self.model.llama.lm_head(self.model.llama.model.norm(h))
+
+    @torch.no_grad()
+    def last_logits(self, ids: list[int]) -> torch.Tensor:
+        seq = self._with_bos(ids)
+        cache = MemoryKVCache(len(self.model.layers), capacity=len(seq))
+        return self._logits(self._prefill(seq, cache))
+
+    @torch.no_grad()
+    def generate(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        seq = self._with_bos(ids)
+        cache = MemoryKVCache(len(self.model.layers), capacity=len(seq) + max_new_tokens)
+        logits = self._logits(self._prefill(seq, cache))
+        new: list[int] = []
+        eos = set(self.eos if isinstance(self.eos, (list, tuple)) else [self.eos]) - {None}
+        position = len(seq)
+        for step in range(max_new_tokens):
+            token = int(logits.argmax(-1))
+            if token in eos:
+                break
+            new.append(token)
+            if step == max_new_tokens - 1:
+                break
+            h = self.model.llama.model.embed_tokens(torch.tensor([[token]], device=self.model.device))
+            logits = self._logits(self._run(h, position, cache))
+            position += 1
+        return new
+
+
+# ---- output directory -------------------------------------------------------------------------------------------
+def default_out(task: str, model_dir: str) -> Path:
+    """checkpoints/eval/<task>/<model directory name>, relative to the working directory (git-ignored here)."""
+    return Path("checkpoints") / "eval" / task / Path(model_dir).resolve().name
+
+
+class RunDir:
+    """An output directory with a manifest of the settings that shape per-item results.
+
+    Reopening it with different settings is an error (results would mix); overwrite=true starts afresh.
+    """
+
+    def __init__(self, out: str | Path, task: str, cfg, fingerprint: dict, key_fields: tuple[str, ...],
+                 overwrite: bool = False):
+        self.path = Path(out)
+        if overwrite and self.path.exists():
+            for name in ("items.jsonl", "run.json"):
+                (self.path / name).unlink(missing_ok=True)
+            shutil.rmtree(self.path / "tensorboard", ignore_errors=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        manifest = self.path / "run.json"
+        fingerprint = json.loads(json.dumps(fingerprint, default=str))
+        if manifest.is_file():
+            old = json.loads(manifest.read_text()).get("fingerprint", {})
+            diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
+            if diff:
+                k = diff[0]
+                raise EvalInputError(
+                    f"{self.path} holds results of a different {task} run ({k}: {old.get(k)!r} there, "
+                    f"{fingerprint.get(k)!r} now; differing: {diff}). Use another --out or overwrite=true")
+        write_json(manifest, {"task": task, "fingerprint": fingerprint, "config": to_dict(cfg)})
+        self.store = ResultStore(self.path / "items.jsonl", key_fields)
+
+    def file(self, name: str) -> Path:
+        return self.path / name

@@ -1,0 +1,92 @@
+"""Evaluate an M+ / MemoryLLM checkpoint (our export or an official release directory).
+
+    python -m mplus_lightning.evaluate retention --model DIR --data data/squad [--out DIR] [key=value ...]
+    python -m mplus_lightning.evaluate longbook  --model DIR --data data/infinitebench/longbook_qa_eng.jsonl
+    python -m mplus_lightning.evaluate longbench --model DIR --data data/longbench [max_length=16384]
+    python -m mplus_lightning.evaluate cost      --model DIR [lengths=[16384,32768]]
+
+Defaults come from experiments/eval_<task>.yaml (or --config FILE); flags and key=value overrides win. Results go
+to --out (default checkpoints/eval/<task>/<model name>): items.jsonl (one line per finished item; rerunning the same
+command resumes), results.json / cost.json, a table (.md), a plot (.png) and TensorBoard scalars.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .eval.config import TASKS, ConfigError, load_config
+
+HELP = {
+    "retention": "knowledge retention on SQuAD / NaturalQA (accuracy vs tokens injected after the context)",
+    "longbook": "LongBook QA (InfiniteBench En.QA) or a user-supplied LongBook Event-QA file",
+    "longbench": "LongBench QA subsets (2wikimqa, hotpotqa, qasper, musique, multifieldqa_en, narrativeqa)",
+    "cost": "peak memory and latency at 16k-128k input tokens",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m mplus_lightning.evaluate", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="task", required=True, metavar="{" + ",".join(TASKS) + "}")
+    for task in TASKS:
+        s = sub.add_parser(task, help=HELP[task], description=HELP[task])
+        s.add_argument("--model", help="checkpoint directory (our export or an official release)")
+        s.add_argument("--data", help="data file or directory" + (" (unused)" if task == "cost" else ""))
+        s.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json (default: the model directory)")
+        s.add_argument("--out", help="output directory (default checkpoints/eval/<task>/<model name>)")
+        s.add_argument("--config", help=f"YAML of defaults (default experiments/eval_{task}.yaml)")
+        s.add_argument("--device", help="auto | cpu | cuda | cuda:N")
+        s.add_argument("--dtype", help="auto | float32 | bfloat16 | float16")
+        s.add_argument("--limit", type=int, help="only the first N items (per subset)")
+        s.add_argument("--overwrite", action="store_true", default=None, help="discard earlier results in --out")
+        s.add_argument("--no-progress", dest="progress", action="store_false", default=None,
+                       help="no progress bars")
+        s.add_argument("overrides", nargs="*", metavar="key=value", help="any config key, e.g. distances=[0,1000]")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    flags = {k: getattr(args, k) for k in ("model", "data", "tokenizer", "out", "device", "dtype", "limit",
+                                          "overwrite", "progress")}
+    try:
+        cfg = load_config(args.task, args.config, args.overrides, flags)
+        result = run(args.task, cfg)
+    except (ConfigError, FileNotFoundError, ValueError) as e:   # DataFormatError and EvalInputError are ValueErrors
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(result.get("table") or json.dumps(_brief(result), indent=2))
+    return 0
+
+
+def run(task: str, cfg) -> dict:
+    """Run one evaluation from a resolved config (also the Python entry point)."""
+    from .eval.runtime import check_model_dir
+
+    check_model_dir(cfg.model)
+    if task == "retention":
+        from .eval.retention import run_retention
+        return run_retention(cfg)
+    if task == "longbook":
+        from .eval.longqa import run_longbook
+        return run_longbook(cfg)
+    if task == "longbench":
+        from .eval.longqa import run_longbench
+        return run_longbench(cfg)
+    from .eval.cost import run_cost
+    return run_cost(cfg)
+
+
+def _brief(result: dict) -> dict:
+    if result.get("task") == "retention":
+        return {"dataset": result["dataset"], "num_items": result["num_items"], "borderline": result["borderline"],
+                **{m: dict(zip(c["distances"], c["exact_hit"])) for m, c in result["modes"].items()}}
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
