@@ -390,13 +390,16 @@ class MPlus(nn.Module):
         return ReadView(rows=delta, positions=pos, query_start=K + 1, adapter=adapter)
 
     def _lm_loss(self, ids: torch.Tensor, loss_mask: torch.Tensor, view: ReadView,
-                 probe: RetrieverProbe | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 probe: RetrieverProbe | None = None, with_accuracy: bool = False):
+        """(mean CE, token count[, greedy next-token hits]) over the masked-in next tokens of `ids`."""
         h = self._read_layers(view, self._embed(ids), MemoryKVCache(len(self.layers)), probe=probe)
         logits = self._logits(h[:, :-1]).float()                     # fp32 logits, as in the official training
         labels = ids[:, 1:].masked_fill(~loss_mask[:, 1:], -100)
         count = (labels != -100).sum()
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                                  ignore_index=-100, reduction="sum") / count.clamp(min=1)
+        if with_accuracy:
+            return loss, count, ((logits.argmax(-1) == labels) & (labels != -100)).sum()
         return loss, count
 
     # ---- public API --------------------------------------------------------------------------------------------

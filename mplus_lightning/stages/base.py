@@ -15,6 +15,7 @@ validation works on a copy of the memory (bug 24), the learning rate does not sc
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,9 @@ from ..model.mplus import RetrieverProbe
 from ..model.retriever import retriever_bce_loss
 from .build import build_model, initial_memory
 
+log = logging.getLogger(__name__)
 RANK_STATE_SUFFIX = ".rank{rank}.state"
+RECENT_DOCS = 64
 
 
 def rank_state_path(ckpt_path: str | Path, rank: int) -> Path:
@@ -76,7 +79,9 @@ class MemoryTrainingModule(L.LightningModule):
         self.row_doc: torch.Tensor | None = None
         self.revisit = RevisitCache()
         self.docs_seen = 0
-        self.rng = random.Random(cfg.trainer.seed)
+        self.recent_docs: list[str] = []   # doc ids of the last RECENT_DOCS steps of this rank (saved in checkpoints)
+        self.rng = random.Random(cfg.trainer.seed)        # step decisions: the same on every rank (see run_step)
+        self.rank_rng = random.Random(cfg.trainer.seed)   # per-rank draws that trigger no collective
         self.evict_gen = torch.Generator().manual_seed(cfg.trainer.seed)
         self._t0 = None
         self._pending_rank_state: dict | None = None
@@ -107,8 +112,10 @@ class MemoryTrainingModule(L.LightningModule):
     # ---- memory lifecycle ------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
         rank = self.trainer.global_rank if self._trainer is not None else 0
-        # Every rank has its own stream of documents, so its own rng and memory (seeded apart).
-        self.rng = random.Random(f"{self.cfg.trainer.seed}:{rank}")
+        # Step kinds are drawn identically on every rank: under FSDP each layer forward is a collective, so all ranks
+        # must run the same sequence of passes. Each rank has its own documents, memory and eviction draws.
+        self.rng = random.Random(f"{self.cfg.trainer.seed}:steps")
+        self.rank_rng = random.Random(f"{self.cfg.trainer.seed}:{rank}")
         self.evict_gen = torch.Generator().manual_seed(self.cfg.trainer.seed * 1000 + rank)
 
     def on_fit_start(self) -> None:
@@ -137,12 +144,28 @@ class MemoryTrainingModule(L.LightningModule):
         row_doc.scatter_(1, slots, doc)
         return slots
 
+    def _agree_max(self, value: int) -> int:
+        """The largest `value` over all ranks (1 process: `value`)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return value
+        t = torch.tensor([value], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
+
     def _inject_no_grad(self, chunks: list[torch.Tensor], doc: int, memory=None, row_doc=None) -> None:
+        """Inject chunks one by one without gradient. Ranks with fewer chunks than the most any rank has run the
+        same passes on a stand-in chunk and discard them, so every rank issues the same FSDP collectives."""
         memory = memory if memory is not None else self.memory
-        for chunk in chunks:
+        n = self._agree_max(len(chunks))
+        for i in range(n):
+            real = i < len(chunks)
+            chunk = chunks[i] if real else torch.full((self.memory.num_tokens,), 3, dtype=torch.long)
             with torch.no_grad():
                 delta = self.model("write", chunk[None].to(self.device), memory.newest_block())
-            self._commit(delta, doc, memory, row_doc)
+                if real:
+                    self._commit(delta, doc, memory, row_doc)
+                elif memory.ltm is not None and memory.initialized:
+                    self._keys(delta.new_zeros(delta.shape))  # the commit's key pass
 
     # ---- the step ---------------------------------------------------------------------------------------------
     def num_contexts(self, step: int) -> int:
@@ -173,7 +196,7 @@ class MemoryTrainingModule(L.LightningModule):
         if not s.retriever_loss:
             return None
         L = self.model.config.num_layers
-        lengths = ([self.rng.randint(1, max(1, target_len - 1)) for _ in range(L)] if s.random_retriever_length
+        lengths = ([self.rank_rng.randint(1, max(1, target_len - 1)) for _ in range(L)] if s.random_retriever_length
                    else [target_len] * L)
         enc = None
         if encoder and s.encoder_retriever_loss and self.model.config.add_encoder_retriever:
@@ -200,9 +223,12 @@ class MemoryTrainingModule(L.LightningModule):
         cfg, model, memory = self.cfg.step, self.model, self.memory
         doc = self.docs_seen
         self.docs_seen += 1
+        self.recent_docs = (self.recent_docs + [str(sample.doc_id)])[-RECENT_DOCS:]
         contexts = [c.long() for c in sample.contexts]
+        if not contexts:
+            raise ValueError(f"training sample {sample.doc_id!r} has no context chunk (the data should reject it)")
         r = self.rng.random()
-        if r < cfg.full_context_ratio or not contexts:
+        if r < cfg.full_context_ratio:
             # Full-context LM: the document's first tokens read against the memory; nothing is written.
             seq = sample.target if sample.repeat else torch.cat(contexts + [sample.target])
             ids = seq[: cfg.max_seq_length][None].to(self.device)
@@ -221,8 +247,8 @@ class MemoryTrainingModule(L.LightningModule):
             metrics["revisit_distance_chunks"] = c.chunks_since
             return StepResult(loss + r_loss, loss, "revisit", c.ids.shape[1], metrics)
 
-        n_chunks = min(self.num_contexts(self.global_step), len(contexts)) if multi else 1
-        chunks = contexts[:n_chunks] if sample.repeat else contexts[-n_chunks:]
+        n_chunks = self._agree_max(min(self.num_contexts(self.global_step), len(contexts))) if multi else 1
+        chunks = contexts[:n_chunks] if sample.repeat else contexts[-n_chunks:]   # fewer if this document is short
         ids, mask = self._target(sample, chunks)
         tokens = ids.shape[1] + sum(len(x) for x in chunks)
         metrics: dict[str, Any] = {"num_contexts": n_chunks}
@@ -265,9 +291,10 @@ class MemoryTrainingModule(L.LightningModule):
         if self._t0 is None:
             self._t0 = time.perf_counter()
         result = self.run_step(sample)
-        if not torch.isfinite(result.loss):
+        if self._agree_max(int(not torch.isfinite(result.loss))):  # every rank stops together
             raise FloatingPointError(
-                f"non-finite training loss ({result.loss.item()}) at step {self.global_step} ({result.kind} step, "
+                f"non-finite training loss ({result.loss.item()} on rank {self.global_rank}) at step "
+                f"{self.global_step} ({result.kind} step, "
                 f"document {getattr(sample, 'doc_id', '?')}): stopping. Nothing was saved after the last good "
                 "checkpoint; resume from it with a lower learning rate (optim.lr) or check the data.")
         self._count_sample()
@@ -300,9 +327,8 @@ class MemoryTrainingModule(L.LightningModule):
         self._inject_no_grad(contexts, -2, memory, row_doc)
         ids, mask = self._target(sample, contexts)
         with torch.no_grad():
-            loss, _ = self.model("lm_loss", ids, mask, self.model.view(memory))
-            logits = self.model.read(memory, ids)[0, :-1]
-        hit = (logits.argmax(-1) == ids[0, 1:])[mask[0, 1:]].float().mean()
+            loss, count, hits = self.model("lm_loss", ids, mask, self.model.view(memory), with_accuracy=True)
+        hit = hits.float() / count.clamp(min=1)
         self.log("val/loss", loss, batch_size=1, sync_dist=True)
         self.log("val/token_acc", hit, batch_size=1, sync_dist=True)
 
@@ -332,10 +358,10 @@ class MemoryTrainingModule(L.LightningModule):
         c = self.revisit
         return {
             "memory": self.memory.state_dict(), "memory_meta": self.memory.meta(),
-            "row_doc": self.row_doc.cpu(), "docs_seen": self.docs_seen,
+            "row_doc": self.row_doc.cpu(), "docs_seen": self.docs_seen, "recent_docs": list(self.recent_docs),
             "revisit": {"ids": None if c.ids is None else c.ids.cpu(), "mask": None if c.mask is None else c.mask.cpu(),
                         "doc": c.doc, "chunks_since": c.chunks_since, "last": c.last_step_was_revisit},
-            "rng": self.rng.getstate(), "evict_gen": self.evict_gen.get_state(),
+            "rng": self.rng.getstate(), "rank_rng": self.rank_rng.getstate(), "evict_gen": self.evict_gen.get_state(),
             "torch_rng": torch.get_rng_state(), "world_size": self.trainer.world_size,
         }
 
@@ -346,28 +372,41 @@ class MemoryTrainingModule(L.LightningModule):
         tmp.replace(path)  # atomic: an interrupted save never leaves a half-written state
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Load this rank's memory and step state from beside the checkpoint.
+
+        Another world size than at save time: new rank r continues the state of saved rank r % saved_world_size
+        (memories are duplicated when growing, the surplus ones dropped when shrinking), and the log says so.
+        """
         ckpt_path = self.trainer.ckpt_path if self._trainer is not None else None
         if ckpt_path is None:
             return
         rank, world = self.trainer.global_rank, self.trainer.world_size
-        path = rank_state_path(ckpt_path, rank)
-        if not path.is_file():
+        saved = sorted(Path(str(ckpt_path)).parent.glob(Path(str(ckpt_path)).name + ".rank*.state"))
+        if not saved:
             raise FileNotFoundError(
-                f"{path} is missing: every rank's memory is saved beside the checkpoint as "
-                f"<ckpt>{RANK_STATE_SUFFIX.format(rank='<r>')}; this checkpoint has none for rank {rank} "
-                f"(world size now {world}). Resume with the world size it was saved with.")
+                f"no memory state beside {ckpt_path}: every rank's memory is saved as "
+                f"<ckpt>{RANK_STATE_SUFFIX.format(rank='<r>')}; was this checkpoint written by mplus_lightning?")
+        source = rank % len(saved)
+        if len(saved) != world:
+            log.warning("resuming a checkpoint saved by %d ranks on %d ranks: rank %d continues the memory and "
+                        "step state of saved rank %d", len(saved), world, rank, source)
+        path = rank_state_path(ckpt_path, source)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing (found {[p.name for p in saved]})")
         self._pending_rank_state = torch.load(path, weights_only=False, map_location="cpu")
 
     def _restore_rank_state(self, s: dict) -> None:
         self.memory = MemoryState.from_state_dict(s["memory"], s["memory_meta"])
         self.row_doc = s["row_doc"]
         self.docs_seen = s["docs_seen"]
+        self.recent_docs = list(s.get("recent_docs", []))
         r = s["revisit"]
         self.revisit = RevisitCache(
             ids=None if r["ids"] is None else r["ids"].to(self.device),
             mask=None if r["mask"] is None else r["mask"].to(self.device),
             doc=r["doc"], chunks_since=r["chunks_since"], last_step_was_revisit=r["last"])
         self.rng.setstate(s["rng"])
+        self.rank_rng.setstate(s["rank_rng"])
         self.evict_gen.set_state(s["evict_gen"])
         torch.set_rng_state(s["torch_rng"])
 

@@ -1,0 +1,120 @@
+"""Real multi-process runs of `python -m mplus_lightning.fit` with FSDP2 (ModelParallelStrategy) on 2 gloo ranks.
+
+Tolerances: the 2-rank run and the 1-process reference compute the same float32 math, but FSDP reduces gradients
+with a reduce-scatter (sum then divide, in another order than our (g0 + g1) / 2) and AdamW divides by sqrt(v), so
+results agree to float32 rounding amplified over a few steps: losses to 1e-5 relative, weights to 1e-5 absolute.
+"""
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mplus_lightning import MemoryState, config as C, fit
+from mplus_lightning.stages import LtmModule
+from mplus_lightning.stages.base import RevisitCache
+from mplus_lightning.stages.build import initial_memory
+
+from .test_training import scalars
+
+pytestmark = [pytest.mark.slow, pytest.mark.multirank]
+ROOT = Path(__file__).parents[1]
+# Documents long enough that every rank injects exactly 2 chunks per multi-chunk step.
+COMMON = ["init_from=null", "trainer.progress_bar=false", "trainer.log_every_n_steps=1",
+          "trainer.val_every_n_steps=1000", "step.num_contexts_schedule=[[0,2]]",
+          "data.params.min_doc_length=200", "data.params.max_doc_length=260"]
+
+
+def launch(tmp_path, name, *extra, devices=2):
+    args = [sys.executable, "-m", "mplus_lightning.fit", "--config", str(ROOT / "experiments" / "tiny_ltm.yaml"),
+            f"name={name}", f"run_dir={tmp_path}", "trainer.strategy=fsdp2", f"trainer.devices={devices}",
+            *COMMON, *extra]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def reference(tmp_path, steps: int):
+    """One process playing both ranks: each rank's memory and draws, gradients averaged, one AdamW step."""
+    cfg = C.load(ROOT / "experiments" / "tiny_ltm.yaml", [f"run_dir={tmp_path}", "name=ref", *COMMON])
+    seed = cfg.trainer.seed
+    dm = fit.build_datamodule(cfg)
+    streams = [iter(dm.build_train_dataset(rank=r, world_size=2, skip=0)) for r in (0, 1)]
+    module = LtmModule(cfg, fit.instruction_ids(cfg, dm))
+    keys = ("memory", "row_doc", "revisit", "rng", "rank_rng", "evict_gen", "docs_seen", "recent_docs")
+    states = []
+    for r in (0, 1):   # what setup() and on_fit_start() do on rank r
+        states.append(dict(memory=initial_memory(cfg, module.model, seed=seed + r), row_doc=None,
+                           revisit=RevisitCache(), rng=random.Random(f"{seed}:steps"),
+                           rank_rng=random.Random(f"{seed}:{r}"),
+                           evict_gen=torch.Generator().manual_seed(seed * 1000 + r), docs_seen=0, recent_docs=[]))
+        states[r]["row_doc"] = torch.full(states[r]["memory"].ranks.shape, -1, dtype=torch.long)
+    opt = module.configure_optimizers()
+    opt = opt["optimizer"] if isinstance(opt, dict) else opt
+    losses = []
+    for _ in range(steps):
+        step = []
+        for r in (0, 1):
+            for k in keys:
+                setattr(module, k, states[r][k])
+            result = module.run_step(next(streams[r]))
+            (result.loss / 2).backward()
+            step.append(result.loss.item())
+            states[r] = {k: getattr(module, k) for k in keys}
+        opt.step()
+        opt.zero_grad()
+        losses.append(step)
+    return module, losses, states
+
+
+def test_two_ranks_equal_one_process_on_the_same_global_batch_with_activation_checkpointing(tmp_path):
+    launch(tmp_path, "fsdp", "trainer.max_steps=3", "trainer.ckpt_every_n_steps=3",
+           "trainer.activation_checkpointing=true")
+    module, losses, states = reference(tmp_path, steps=3)
+    logged = scalars(tmp_path / "fsdp", "train/loss")       # rank 0's losses
+    assert sorted(logged) == [0, 1, 2]
+    for step, (l0, _) in enumerate(losses):
+        assert abs(logged[step] - l0) <= 1e-5 * abs(l0), (step, logged[step], l0)
+    exported = load_file(str(tmp_path / "fsdp" / "export" / "model.safetensors"))
+    mine = module.model.state_dict()
+    assert exported.keys() == mine.keys()
+    moved = 0
+    for k, v in mine.items():
+        torch.testing.assert_close(exported[k], v, rtol=0, atol=1e-5, msg=k)
+        moved += "lora_B" in k and v.abs().sum() > 0
+    assert moved, "training changed the adapters (the comparison is not between two untouched models)"
+    memory = MemoryState.from_pretrained(tmp_path / "fsdp" / "export")      # rank 0's memory
+    torch.testing.assert_close(memory.rows, states[0]["memory"].rows, rtol=0, atol=1e-5)
+
+
+def test_two_rank_resume_is_exact_and_ranks_read_disjoint_documents(tmp_path):
+    launch(tmp_path, "straight", "trainer.max_steps=4", "trainer.ckpt_every_n_steps=2")
+    launch(tmp_path, "split", "trainer.max_steps=2", "trainer.ckpt_every_n_steps=2")
+    ckpt = tmp_path / "split" / "checkpoints" / "last.ckpt"
+    assert ckpt.is_dir(), "FSDP2 writes a sharded (distributed) checkpoint"
+    assert {p.name for p in ckpt.parent.glob("last.ckpt.rank*.state")} == {"last.ckpt.rank0.state",
+                                                                          "last.ckpt.rank1.state"}
+    launch(tmp_path, "split", "trainer.max_steps=4", "trainer.ckpt_every_n_steps=2", "resume=last")
+    a, b = scalars(tmp_path / "straight", "train/loss"), scalars(tmp_path / "split", "train/loss")
+    assert sorted(a) == sorted(b) == [0, 1, 2, 3]
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (step, a[step], b[step])
+    states = {}
+    for run in ("straight", "split"):
+        for r in (0, 1):
+            states[run, r] = torch.load(tmp_path / run / "checkpoints" / f"last.ckpt.rank{r}.state",
+                                        weights_only=False)
+    for r in (0, 1):
+        torch.testing.assert_close(states["split", r]["memory"]["rows"], states["straight", r]["memory"]["rows"])
+    docs0, docs1 = set(states["straight", 0]["recent_docs"]), set(states["straight", 1]["recent_docs"])
+    assert len(docs0) == len(docs1) == 4 and not docs0 & docs1
+
+
+def test_resume_on_another_world_size_follows_the_documented_rule(tmp_path):
+    launch(tmp_path, "grow", "trainer.max_steps=2", "trainer.ckpt_every_n_steps=2")
+    proc = launch(tmp_path, "grow", "trainer.max_steps=3", "trainer.ckpt_every_n_steps=3", "resume=last",
+                  devices=1)
+    assert "saved by 2 ranks on 1 ranks: rank 0 continues the memory and step state of saved rank 0" in proc.stderr
