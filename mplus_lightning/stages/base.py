@@ -84,7 +84,6 @@ class MemoryTrainingModule(L.LightningModule):
         self.rank_rng = random.Random(cfg.trainer.seed)   # per-rank draws that trigger no collective
         self.evict_gen = torch.Generator().manual_seed(cfg.trainer.seed)
         self._t0 = None
-        self._pending_rank_state: dict | None = None
 
     # ---- stage hooks -----------------------------------------------------------------------------------------
     def check_stage(self, cfg: RunConfig) -> None:
@@ -119,9 +118,6 @@ class MemoryTrainingModule(L.LightningModule):
         self.evict_gen = torch.Generator().manual_seed(self.cfg.trainer.seed * 1000 + rank)
 
     def on_fit_start(self) -> None:
-        if self._pending_rank_state is not None:
-            self._restore_rank_state(self._pending_rank_state)
-            self._pending_rank_state = None
         if self.memory is None:
             self.memory = initial_memory(self.cfg, self.model, seed=self.cfg.trainer.seed + self.global_rank)
         self.memory.to(device=self.device, dtype=self.model.dtype)
@@ -393,11 +389,12 @@ class MemoryTrainingModule(L.LightningModule):
         path = rank_state_path(ckpt_path, source)
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing (found {[p.name for p in saved]})")
-        self._pending_rank_state = torch.load(path, weights_only=False, map_location="cpu")
+        # Applied now: Lightning calls this hook after on_fit_start when the strategy restores after setup (FSDP2).
+        self._restore_rank_state(torch.load(path, weights_only=False, map_location="cpu"))
 
     def _restore_rank_state(self, s: dict) -> None:
-        self.memory = MemoryState.from_state_dict(s["memory"], s["memory_meta"])
-        self.row_doc = s["row_doc"]
+        self.memory = MemoryState.from_state_dict(s["memory"], s["memory_meta"]).to(self.device, self.model.dtype)
+        self.row_doc = s["row_doc"].to(self.device)
         self.docs_seen = s["docs_seen"]
         self.recent_docs = list(s.get("recent_docs", []))
         r = s["revisit"]
