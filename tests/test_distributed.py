@@ -111,6 +111,16 @@ def test_two_rank_resume_is_exact_and_ranks_read_disjoint_documents(tmp_path):
         torch.testing.assert_close(states["split", r]["memory"]["rows"], states["straight", r]["memory"]["rows"])
     docs0, docs1 = set(states["straight", 0]["recent_docs"]), set(states["straight", 1]["recent_docs"])
     assert len(docs0) == len(docs1) == 4 and not docs0 & docs1
+    # the sharded checkpoint exports to the same model the run exported, with either rank's memory
+    from mplus_lightning.export import main as export_main
+    assert export_main([str(ckpt), str(tmp_path / "exported1"), "--rank", "1"]) == 0
+    run_export = load_file(str(tmp_path / "split" / "export" / "model.safetensors"))
+    exported = load_file(str(tmp_path / "exported1" / "model.safetensors"))
+    assert exported.keys() == run_export.keys()
+    for k in run_export:
+        assert torch.equal(exported[k], run_export[k]), k
+    mem1 = MemoryState.from_pretrained(tmp_path / "exported1")
+    assert torch.equal(mem1.rows, states["split", 1]["memory"]["rows"])
 
 
 def test_resume_on_another_world_size_follows_the_documented_rule(tmp_path):

@@ -46,6 +46,14 @@ def test_resume_continues_exactly(tmp_path):
     mb = MemoryState.from_pretrained(first.out_dir / "export")
     torch.testing.assert_close(mb.rows, ma.rows)
     assert torch.equal(mb.ranks, ma.ranks) and len(ma.ltm) == len(mb.ltm) > 0
+    # `python -m mplus_lightning.export` turns the last checkpoint into the same model directory
+    from mplus_lightning.export import main as export_main
+    assert export_main([str(first.out_dir / "checkpoints" / "last.ckpt"), str(tmp_path / "exported")]) == 0
+    model, again = MPlus.from_pretrained(tmp_path / "exported"), MPlus.from_pretrained(first.out_dir / "export")
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2), k
+    assert torch.equal(MemoryState.from_pretrained(tmp_path / "exported").rows, mb.rows)
+    assert export_main([str(tmp_path / "nope.ckpt"), str(tmp_path / "x")]) == 2
 
 
 @pytest.mark.slow

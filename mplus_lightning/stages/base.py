@@ -367,6 +367,10 @@ class MemoryTrainingModule(L.LightningModule):
         torch.save(self.rank_state(), tmp)
         tmp.replace(path)  # atomic: an interrupted save never leaves a half-written state
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The model's config travels in the checkpoint, so `python -m mplus_lightning.export` needs nothing else."""
+        checkpoint["mplus_config"] = self.model.config.to_dict()
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Load this rank's memory and step state from beside the checkpoint.
 
