@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import logging
 import sys
 from pathlib import Path
@@ -57,6 +58,12 @@ def build_datamodule(cfg: RunConfig):
         raise ConfigError(f"data.kind: {cfg.data.kind!r} is not one of {sorted(DATAMODULES)}")
     module_name, cls_name = DATAMODULES[cfg.data.kind].split(":")
     cls = getattr(importlib.import_module(module_name), cls_name)
+    required = [n for n, p in inspect.signature(cls).parameters.items()
+                if p.default is inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    unset = [n for n in required if cfg.data.params.get(n) is None]
+    if unset:
+        raise ConfigError(", ".join(f"data.params.{n}" for n in unset) + f" must be set for data.kind={cfg.data.kind}"
+                          " (local paths; data/README.md describes each dataset's layout)")
     try:
         return cls(**cfg.data.params)
     except TypeError as e:

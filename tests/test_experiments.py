@@ -1,0 +1,107 @@
+"""Every training config in experiments/ builds (model, memory, data, trainer) without training.
+
+The full-size configs point at Llama-3.1-8B and real datasets; here their paths are redirected to tiny stand-ins in
+the real formats (a tiny HF Llama directory, fineweb parquet, built SlimPajama buckets, a tiny tokenizer). The memory
+shapes stay the real ones (12,800 -> 10,240 rows per layer), so the stage-3 transition runs at full pool size.
+"""
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mplus_lightning import MPlus, config as C, fit
+from mplus_lightning.model.configuration import MPlusConfig
+from mplus_lightning.stages import module_for
+from mplus_lightning.stages.build import initial_memory
+
+from .test_data_common import slim_built, slim_src, texts, tok, tok_dir, write_parquet  # noqa: F401 (fixtures)
+
+ROOT = Path(__file__).parents[1]
+FULL = ["stage1.yaml", "stage2.yaml", "ltm.yaml", "ltm_2x8.yaml"]
+TINY = ["tiny.yaml", "tiny_stage2.yaml", "tiny_ltm.yaml"]
+LLAMA = dict(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, bos_token_id=1, eos_token_id=2)
+
+
+@pytest.fixture(scope="module")
+def stand_ins(tmp_path_factory, slim_built, tok_dir):  # noqa: F811
+    root = tmp_path_factory.mktemp("standins")
+    LlamaForCausalLM(LlamaConfig(**LLAMA)).save_pretrained(root / "llama")
+    write_parquet(root / "fw" / "data" / "CC-MAIN-2024-10" / "train-0.parquet", texts(60, seed=6, hi=900))
+    write_parquet(root / "fw" / "data" / "CC-MAIN-2023-50" / "train-0.parquet", texts(60, seed=7, hi=900))
+    # previous-stage exports at the real memory shape (K=256, 50 blocks) on the tiny backbone
+    MPlus(MPlusConfig(llama=LLAMA, num_tokens=256, num_blocks=50, num_ltm_blocks=0, add_selector=False, lora_r=2,
+                      selector_hidden_dim=8)).save_pretrained(root / "stage1_export",
+                                                             memory=None)
+    s2 = MPlus(MPlusConfig(llama=LLAMA, num_tokens=256, num_blocks=50, num_ltm_blocks=0, lora_r=16,
+                           selector_hidden_dim=256))
+    mem = s2.new_memory()
+    mem.initialized = True
+    s2.save_pretrained(root / "stage2_export", memory=mem)
+    return {"root": root, "buckets": slim_built, "tok": tok_dir}
+
+
+def redirect(name: str, s: dict, tmp_path: Path) -> list[str]:
+    cfg = OmegaConf.load(ROOT / "experiments" / name)
+    out = [f"run_dir={tmp_path}", "trainer.devices=1", "trainer.num_nodes=1", "trainer.strategy=auto",
+           "trainer.accelerator=cpu", "trainer.precision=32-true"]
+    if cfg.model.init == "llama":
+        out.append(f"model.path={s['root'] / 'llama'}")
+    if cfg.stage == "stage2":
+        out.append(f"init_from={s['root'] / 'stage2_export'}")   # a stage-1-shaped pool (no LTM)
+    if cfg.stage == "ltm":
+        out.append(f"init_from={s['root'] / 'stage2_export'}")
+    params = cfg.data.params
+    if "path" in params:
+        out.append(f"data.params.path={s['root'] / 'fw'}")
+    if "fineweb" in params:
+        out.append(f"data.params.fineweb={s['root'] / 'fw'}")
+    if "buckets" in params:
+        out.append(f"data.params.buckets={s['buckets']}")
+    if "tokenizer" in params:
+        out.append(f"data.params.tokenizer={s['tok']}")
+    if cfg.data.kind in ("fineweb", "mixture"):
+        out += ["data.params.val_docs=5", "data.params.val_size=2", "data.params.progress=false",
+                "data.params.num_workers=0"]
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FULL + TINY)
+def test_every_training_config_builds(name, stand_ins, tmp_path):
+    cfg = C.load(ROOT / "experiments" / name, redirect(name, stand_ins, tmp_path))
+    if name in TINY and cfg.init_from:
+        cfg.init_from = None     # tiny stages chain through `make tiny`; here each builds from scratch
+    datamodule = fit.build_datamodule(cfg)
+    module = module_for(cfg.stage)(cfg, fit.instruction_ids(cfg, datamodule))
+    model = module.model
+    assert model.config.num_tokens == cfg.model.num_tokens
+    assert model.config.stm_rows == (cfg.model.num_blocks - cfg.model.num_ltm_blocks) * cfg.model.num_tokens
+    memory = initial_memory(cfg, model, seed=0)
+    memory.check_compatible(model.config)
+    if cfg.stage == "ltm" and cfg.init_from:
+        assert memory.size == 10_240 and len(memory.ltm) == 2_560, "the 2,560 oldest rows moved into the LTM"
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    sample = next(iter(datamodule.train_dataloader()))
+    assert sample.contexts and sample.target.numel() > 0
+    assert int(max(int(c.max()) for c in sample.contexts)) < model.config.llama["vocab_size"]
+    fit.build_trainer(cfg)
+
+
+def test_two_node_config_is_the_one_node_config_on_two_nodes():
+    one = OmegaConf.to_container(OmegaConf.load(ROOT / "experiments" / "ltm.yaml"))
+    two = OmegaConf.to_container(OmegaConf.load(ROOT / "experiments" / "ltm_2x8.yaml"))
+    assert two["trainer"].pop("num_nodes") == 2 and one["trainer"].pop("num_nodes") == 1
+    assert two.pop("name") == "ltm-2x8" and one.pop("name") == "ltm"
+    assert one == two
+
+
+def test_missing_paths_are_named(tmp_path):
+    cfg = C.load(ROOT / "experiments" / "stage1.yaml", [f"run_dir={tmp_path}"])
+    with pytest.raises(FileNotFoundError, match="model.path"):
+        module_for(cfg.stage)(cfg, [5])
+    cfg = C.load(ROOT / "experiments" / "stage1.yaml", [f"run_dir={tmp_path}", f"model.path={tmp_path}"])
+    with pytest.raises(C.ConfigError, match="data.params.path, data.params.tokenizer must be set"):
+        fit.build_datamodule(cfg)
