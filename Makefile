@@ -25,8 +25,10 @@ test: setup  ## run the whole test suite (what CI runs)
 demo: setup  ## the embedded default: tiny M+ on CPU — inject facts, read them back, print a table
 	$(PY) -m mplus_lightning.demo
 
-bench: setup  ## inference benchmark at the `mid` shape (prints JSON)
-	$(PY) -m mplus_lightning.bench inference --shape mid
+# OpenMP threads spin-wait by default: on a shared machine one descheduled thread stalls the others (~10x).
+bench: setup  ## inference and training benchmarks at the `mid` shape (prints JSON)
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m mplus_lightning.bench inference --shape mid --out bench_out/inference.json
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m mplus_lightning.bench training --shape mid --out bench_out/training.json
 
 tiny: setup  ## train the tiny CPU model through stage 1 -> 2 -> 3 (a few minutes)
 	$(PY) -m mplus_lightning.fit --config experiments/tiny.yaml

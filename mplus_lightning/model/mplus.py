@@ -42,6 +42,16 @@ class MemoryKVCache:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.lengths = [0] * num_layers
+        self._masks: dict = {}
+
+    def mask(self, q: int, total: int, dtype: torch.dtype, device) -> torch.Tensor | None:
+        """The bottom-right causal mask for q queries over `total` keys, built once per pass (all layers share it)."""
+        if q == 1:
+            return None
+        key = (q, total, dtype, str(device))
+        if key not in self._masks:
+            self._masks[key] = bottom_right_causal_mask(q, total, dtype, device)
+        return self._masks[key]
 
     def _put(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.lengths[layer]
@@ -147,8 +157,7 @@ class MemoryDecoderLayer(LlamaDecoderLayer):
             if k.shape[0] != B:
                 k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
             cache.prefill(idx, k, v)
-        total = cache.get_seq_length(idx) + q
-        mask = bottom_right_causal_mask(q, total, hidden_states.dtype, hidden_states.device) if q > 1 else None
+        mask = cache.mask(q, cache.get_seq_length(idx) + q, hidden_states.dtype, hidden_states.device)
         return super().forward(hidden_states, attention_mask=mask, cache=cache,
                                position_embeddings=position_embeddings)
 

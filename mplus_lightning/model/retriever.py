@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-# Keys are scanned in blocks so that scoring never materialises an [n, M] matrix for the whole store.
-SCORE_BLOCK_ROWS = 16384
+# Keys are scanned in blocks so that scoring never materialises an [n, M] matrix for the whole store. A block's
+# scores should stay cache-sized on CPU (measured at the mid shape: 2 MB blocks score 1.4-2.6x faster than 16 MB
+# ones); on GPU, bigger blocks keep the GEMMs large.
+SCORE_BLOCK_BYTES = {"cpu": 2 << 20, "cuda": 256 << 20}
 
 
 def projector(hidden_size: int, width: int, num_layers: int) -> nn.Sequential:
@@ -33,15 +35,19 @@ class Retriever(nn.Module):
         self.encoder_query_proj = projector(hidden_size, width, num_layers) if encoder_query else None
 
 
-def mean_sigmoid_scores(queries: torch.Tensor, keys: torch.Tensor, block_rows: int = SCORE_BLOCK_ROWS
+def mean_sigmoid_scores(queries: torch.Tensor, keys: torch.Tensor, block_rows: int | None = None
                         ) -> torch.Tensor:
     """[B, n, s] queries x [M, s] keys -> [B, M] scores = mean over n of sigmoid(q . k), memory linear in M."""
     B, n, _ = queries.shape
+    if block_rows is None:
+        budget = SCORE_BLOCK_BYTES.get(queries.device.type, SCORE_BLOCK_BYTES["cpu"])
+        block_rows = max(256, budget // (B * n * queries.element_size()))
     out = queries.new_empty(B, keys.shape[0])
+    q_t = queries.transpose(1, 2)                                # [B, s, n]
     for start in range(0, keys.shape[0], block_rows):
         block = keys[start:start + block_rows]
-        logits = torch.matmul(queries, block.t())                # [B, n, m]
-        out[:, start:start + block.shape[0]] = torch.sigmoid_(logits).mean(dim=1)
+        logits = torch.matmul(block, q_t)                        # [B, m, n]: the mean runs over the contiguous dim
+        out[:, start:start + block.shape[0]] = torch.sigmoid_(logits).mean(dim=2)
     return out
 
 

@@ -1,0 +1,125 @@
+"""The inference benchmark runs end to end at the tiny shape and reports sane numbers (no timing thresholds)."""
+import json
+import math
+
+import pytest
+import torch
+
+from mplus_lightning import bench
+
+
+@pytest.fixture
+def keep_threads():
+    """The benchmark calls torch.set_num_threads; give the rest of the session its thread count back."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def _positive_finite(x, where):
+    assert isinstance(x, (int, float)) and math.isfinite(x) and x > 0, f"{where} = {x!r}"
+
+
+def _timings(t, where):
+    for key in ("median", "min", "max"):
+        _positive_finite(t[key], f"{where}.{key}")
+    assert t["n"] == len(t["samples"]) >= 1
+    assert t["min"] <= t["median"] <= t["max"]
+
+
+@pytest.mark.slow
+def test_inference_tiny_end_to_end(tmp_path, keep_threads, capsys):
+    out = tmp_path / "bench.json"
+    result = bench.main(["inference", "--shape", "tiny", "--threads", "1", "--repeats", "2", "--out", str(out)])
+    printed = json.loads(capsys.readouterr().out)
+    assert json.loads(out.read_text()) == printed == json.loads(json.dumps(result))
+
+    shape, settings = printed["shape"], printed["settings"]
+    assert shape["name"] == "tiny" and shape["K"] == 16 and shape["N"] == 64 and shape["K0"] == 32
+    assert settings["threads"] == 1 and settings["device"] == "cpu" and settings["dtype"] == "float32"
+    assert settings["torch"] == torch.__version__
+
+    model = printed["model"]
+    for op in ("inject", "read_prefill_last_logit", "read_prefill_full_logits", "generate"):
+        _timings(model[f"{op}_s"], op)
+        assert model[f"{op}_s"]["n"] == 2
+    for key in ("inject_tokens_per_s", "prefill_tokens_per_s", "decode_s_per_token_est"):
+        _positive_finite(model[key], key)
+    assert model["prefix_rows_per_layer"] == 1 + 32 + 64
+
+    stream = printed["stream"]
+    assert stream["injections"] == 20
+    _positive_finite(stream["total_s"], "stream.total_s")
+    for key, value in stream["per_injection_s"].items():
+        _positive_finite(value, f"stream.per_injection_s.{key}")
+    before, after = stream["ltm_rows_per_layer"]
+    assert after - before == 20 * 16, "every injection moves K rows per layer to the long-term memory"
+
+    retrieval = printed["retrieval"]
+    cases = retrieval["cases"]
+    assert [c["rows"] for c in cases] == [4_000, 40_000, 400_000]
+    for c in cases:
+        for key in ("retrieval_s", "gemm_s"):
+            _timings(c[key], f"{c['rows']}.{key}")
+        for key in ("ratio_retrieval_over_gemm", "key_scan_GBps", "gemm_GFLOPs", "ltm_store_bytes", "peak_rss_bytes"):
+            _positive_finite(c[key], f"{c['rows']}.{key}")
+        # one row: d fp32 values + s fp32 key + an int64 age
+        assert c["ltm_store_bytes"] == c["rows"] * (64 * 4 + 16 * 4 + 8)
+        assert c["retrieval_transient_bytes"] >= 0
+    # Memory is linear in rows: 10x the rows is 10x the store ...
+    for small, big in zip(cases, cases[1:]):
+        assert big["ltm_store_bytes"] / small["ltm_store_bytes"] == pytest.approx(big["rows"] / small["rows"], rel=0.01)
+    # ... and a retrieval never needs the [n, M] score matrix: its scratch stays far below it at the largest store.
+    largest = cases[-1]
+    assert largest["retrieval_transient_bytes"] < largest["score_matrix_bytes_if_materialised"] / 4
+
+    memory = printed["memory"]
+    _positive_finite(memory["peak_rss_bytes"], "peak_rss_bytes")
+    assert memory["ltm_bytes_after_setup"]["rows_per_layer"] == 1000
+    _positive_finite(printed["wall_s"], "wall_s")
+
+
+def test_8b_refuses_cpu(capsys):
+    with pytest.raises(SystemExit, match="needs --device cuda"):
+        bench.main(["inference", "--shape", "8b", "--device", "cpu"])
+
+
+def test_shapes_match_the_brief():
+    mid = bench.SHAPES["mid"]
+    cfg = mid.config(ltm_capacity=mid.ltm_rows + 1000)
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_tokens, cfg.stm_rows, cfg.ltm_read_rows) == (8, 256, 64, 2048, 512)
+    assert (cfg.num_blocks, cfg.num_ltm_blocks, cfg.selector_hidden_dim, cfg.lora_r) == (40, 8, 64, 8)
+    big = bench.SHAPES["8b"].config(ltm_capacity=30_000)
+    assert (big.num_layers, big.hidden_size, big.stm_rows, big.ltm_read_rows, big.selector_hidden_dim) == \
+        (32, 4096, 10_240, 2_560, 256)
+    assert big.llama["intermediate_size"] == 14336 and big.llama["vocab_size"] == 128256
+
+
+def test_bfloat16_build_path_and_profile(keep_threads):
+    """The 8b shape is built under torch.device + a bf16 default dtype; run that path at the tiny shape (CPU)."""
+    tiny = bench.SHAPES["tiny"]
+    result = bench.run_inference(tiny, torch.device("cpu"), torch.bfloat16, threads=1, repeats=1, include=("model",))
+    assert result["settings"]["dtype"] == "bfloat16"
+    _timings(result["model"]["generate_s"], "generate")
+    prof = bench.run_profile(tiny, torch.device("cpu"), torch.float32, threads=1, phases=("inject", "prefill"),
+                             calls=1, top=5)
+    regions = prof["phases"]["prefill"]["regions"]
+    assert regions["memory_kv"]["calls"] == tiny.layers and "retrieval.scores" in regions
+    assert prof["phases"]["inject"]["top_ops_by_self_time"]
+    # the labels are gone again afterwards
+    from mplus_lightning.model import mplus
+    assert mplus.mean_sigmoid_scores is bench.mean_sigmoid_scores
+
+
+def test_training_benchmark_reports_every_step_kind_and_the_plain_step(tmp_path):
+    from mplus_lightning.bench import main
+
+    out = tmp_path / "training.json"
+    result = main(["training", "--shape", "tiny", "--threads", "1", "--repeats", "1", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    assert set(result["kinds"]) == {"full", "revisit", "multi", "multi_one_chunk", "single"}
+    for kind in result["kinds"].values():
+        assert kind["flops"] > 0 and kind["seconds"] > 0 and math.isfinite(kind["ratio_to_plain_llama"])
+    # a multi-chunk step writes 4 chunks before reading: more tokens than a single-chunk step
+    assert result["kinds"]["multi"]["tokens"] > result["kinds"]["single"]["tokens"]
+    assert result["plain_llama"]["flops"] > 0
