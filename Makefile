@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)  ## create .venv and install the package (idempotent)
 
 test: setup  ## run the whole test suite (what CI runs)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup  ## the embedded default: tiny M+ on CPU — inject facts, read them back, print a table
 	$(PY) -m mplus_lightning.demo

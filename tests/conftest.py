@@ -1,10 +1,15 @@
 """Shared fixtures: tiny random models and the official fixtures copied from ../shared/fixtures/official."""
-from pathlib import Path
+import os
 
-import pytest
-import torch
+# Spin-waiting OpenMP threads stall ~10x when a core is shared (as in CI): yield instead. Must precede `import torch`.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from mplus_lightning import MPlus, tiny_config
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mplus_lightning import MPlus, tiny_config  # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
 
