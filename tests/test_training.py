@@ -223,3 +223,15 @@ def test_make_tiny_chain_runs_all_three_stages_through_the_cli(tmp_path):
     assert model.config.has_ltm and memory.size == 32 and len(memory.ltm) >= 16
     assert "stage transition" in proc.stderr, "the pool shrink is logged"
     assert model.generate(memory, torch.tensor([[5, 6, 7]]), max_new_tokens=2).shape == (1, 5)
+
+
+def test_bf16_precision_keeps_the_memory_in_bf16_and_trains(tmp_path):
+    module = tiny_module(tmp_path, LtmModule, "trainer.precision=bf16-mixed", "step.full_context_ratio=0",
+                         "step.revisit=false", "step.multi_chunk_ratio=1.0")
+    assert module.memory_dtype == torch.bfloat16
+    module.memory.to(dtype=module.memory_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = module.run_step(sample(n_contexts=2))
+    result.loss.backward()
+    assert torch.isfinite(result.loss) and module.memory.rows.dtype == torch.bfloat16
+    assert module.memory.ltm.rows.dtype == torch.bfloat16

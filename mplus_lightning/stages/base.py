@@ -120,10 +120,16 @@ class MemoryTrainingModule(L.LightningModule):
     def on_fit_start(self) -> None:
         if self.memory is None:
             self.memory = initial_memory(self.cfg, self.model, seed=self.cfg.trainer.seed + self.global_rank)
-        self.memory.to(device=self.device, dtype=self.model.dtype)
+        self.memory.to(device=self.device, dtype=self.memory_dtype)
         if self.row_doc is None:
             self.row_doc = torch.full(self.memory.ranks.shape, -1, dtype=torch.long)
         self.row_doc = self.row_doc.to(self.device)
+
+    @property
+    def memory_dtype(self) -> torch.dtype:
+        """bf16 under bf16 precisions (the official pool and long-term memory were bf16: ~40 GB per rank at 8B size
+        instead of 80), else the weights' dtype."""
+        return torch.bfloat16 if self.cfg.trainer.precision.startswith("bf16") else self.model.dtype
 
     def _keys(self, rows: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
@@ -397,7 +403,7 @@ class MemoryTrainingModule(L.LightningModule):
         self._restore_rank_state(torch.load(path, weights_only=False, map_location="cpu"))
 
     def _restore_rank_state(self, s: dict) -> None:
-        self.memory = MemoryState.from_state_dict(s["memory"], s["memory_meta"]).to(self.device, self.model.dtype)
+        self.memory = MemoryState.from_state_dict(s["memory"], s["memory_meta"]).to(self.device, self.memory_dtype)
         self.row_doc = s["row_doc"].to(self.device)
         self.docs_seen = s["docs_seen"]
         self.recent_docs = list(s.get("recent_docs", []))
