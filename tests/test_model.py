@@ -182,3 +182,28 @@ def test_trainable_parameters_are_the_official_set(tiny_model):
     assert any("lora_A.write" in n for n in trainable) and any("lora_B.read" in n for n in trainable)
     assert any("retriever.query_proj" in n for n in trainable)
     assert not any("base_layer" in n or "embed_tokens" in n or "lm_head" in n for n in trainable)
+
+
+def test_short_term_kv_is_reused_between_reads_and_recomputed_after_any_change(tiny_model, monkeypatch):
+    mem = filled(tiny_model, chunks=6)
+    ids = random_ids(10, seed=5)
+    first = tiny_model.read(mem, ids)
+    rows_projected = []
+    real = type(tiny_model.layers[0]).memory_kv
+
+    def counting(layer, rows, positions, rotary):
+        rows_projected.append(rows.shape[1])
+        return real(layer, rows, positions, rotary)
+
+    monkeypatch.setattr(type(tiny_model.layers[0]), "memory_kv", counting)
+    torch.testing.assert_close(tiny_model.read(mem, ids), first)
+    assert max(rows_projected) == 1 + tiny_model.config.ltm_read_rows, "only BOS + retrieved rows were projected"
+    # a commit, a hand edit of the pool, and a weight update each invalidate the stored K/V
+    tiny_model.inject(mem, random_ids(20, seed=6))
+    torch.testing.assert_close(tiny_model.read(mem, ids), tiny_model.read(mem.clone(), ids))
+    mem.rows[0, 0] += 1.0
+    torch.testing.assert_close(tiny_model.read(mem, ids), tiny_model.read(mem.clone(), ids))
+    with torch.no_grad():
+        tiny_model.layers[1].self_attn.k_proj.lora_B["read"].weight.add_(0.5)
+    torch.testing.assert_close(tiny_model.read(mem, ids), tiny_model.read(mem.clone(), ids))
+    assert mem.clone().kv_store == {}, "a clone starts without stored K/V"

@@ -15,7 +15,7 @@ short-term rows (research/model.md §4.2, "age bug"); we age them consistently.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -147,6 +147,8 @@ class MemoryState:
     ltm: LongTermMemory | None = None
     initialized: bool = True
     """MemoryLLM semantics: an uninitialised pool is filled by tiling the first written block."""
+    kv_store: dict = field(default_factory=dict, repr=False, compare=False)
+    """Inference cache of the rows' keys/values per layer (MPlus.read/generate); validated on every use."""
 
     # ---- construction --------------------------------------------------------------------------------------
     @classmethod
@@ -296,6 +298,7 @@ class MemoryState:
 
     def to(self, device=None, dtype=None) -> "MemoryState":
         """Move/cast in place (ranks and ages stay integer); returns self."""
+        self.kv_store.clear()
         self.rows = self.rows.to(device=device, dtype=dtype)
         self.ranks, self.ages = self.ranks.to(device=device), self.ages.to(device=device)
         if self.ltm is not None:

@@ -149,13 +149,16 @@ class MemoryDecoderLayer(LlamaDecoderLayer):
         B, q, _ = hidden_states.shape
         idx = self.self_attn.layer_idx
         if prefix is not None:
-            rows, positions = prefix(self, hidden_states)
+            rows, positions, *cached = prefix(self, hidden_states)
             bos = self.memory_bos.to(rows.dtype).expand(rows.shape[0], 1, -1)
             rows = torch.cat([bos, rows], dim=1)
             positions = torch.cat([positions.new_zeros(positions.shape[0], 1), positions], dim=1)
             k, v = self.memory_kv(rows, positions, rotary)
             if k.shape[0] != B:
                 k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
+            if cached:   # K/V of further rows computed earlier (the short-term pool between commits)
+                ck, cv = cached[0]
+                k, v = torch.cat([k, ck.expand(B, -1, -1, -1)], 2), torch.cat([v, cv.expand(B, -1, -1, -1)], 2)
             cache.prefill(idx, k, v)
         mask = cache.mask(q, cache.get_seq_length(idx) + q, hidden_states.dtype, hidden_states.device)
         return super().forward(hidden_states, attention_mask=mask, cache=cache,
@@ -175,6 +178,11 @@ class ReadView:
     ltm: LongTermMemory | None = None
     ltm_read_rows: int = 0
     adapter: str = READ
+    kv_store: dict | None = None
+    """Where to keep the rows' K/V between reads (inference only: MemoryState.kv_store). Entries are keyed by
+    `kv_version` (the in-place versions of the memory's rows and ranks) and the layer's weights' versions, so any
+    commit, edit or weight update recomputes them."""
+    kv_version: tuple = ()
 
 
 @dataclass
@@ -334,7 +342,21 @@ class MPlus(nn.Module):
         K0 = self.config.ltm_read_rows
         return ReadView(rows=memory.rows, positions=1 + K0 + memory.ranks, query_start=1 + K0 + memory.size,
                         ltm=memory.ltm if self.config.has_ltm else None, ltm_read_rows=K0,
-                        adapter=self.read_adapter)
+                        adapter=self.read_adapter,
+                        kv_store=memory.kv_store if not torch.is_grad_enabled() else None,
+                        kv_version=(id(memory.rows), memory.rows._version, id(memory.ranks), memory.ranks._version))
+
+    def _cached_kv(self, view: "ReadView", layer_idx: int, layer: "MemoryDecoderLayer"):
+        """K/V of the view's rows of one layer, reused until the rows, their ranks or the layer's weights change."""
+        weights = [*layer.input_layernorm.parameters(), *layer.self_attn.k_proj.parameters(),
+                   *layer.self_attn.v_proj.parameters()]
+        key = (view.adapter, view.kv_version, view.rows.dtype, tuple((id(p), p._version) for p in weights))
+        hit = view.kv_store.get(layer_idx)
+        if hit is None or hit[0] != key:
+            kv = layer.memory_kv(view.rows[layer_idx][None].to(self.dtype), view.positions[layer_idx][None],
+                                 self.rotary)
+            hit = view.kv_store[layer_idx] = (key, kv)
+        return hit[1]
 
     def _read_prefix(self, view: "ReadView", layer_idx: int, retrieved: list | None,
                      probe: "RetrieverProbe | None"):
@@ -346,21 +368,34 @@ class MPlus(nn.Module):
         def prefix(layer: MemoryDecoderLayer, h: torch.Tensor):
             if probe is not None:
                 probe.score(layer, layer_idx, h, view.rows[layer_idx])
-            if ltm is None or ltm.size == 0:
-                return rows_l, pos_l
-            rows, keys, ages = ltm.view(layer_idx)
-            with torch.no_grad():  # retrieval is a selection: no gradient flows through it (official: no_grad)
-                queries = layer.retriever.query_proj(layer.input_layernorm(h))
-                idx = select_oldest_first(mean_sigmoid_scores(queries, keys.to(queries.dtype)), ages, K0)  # [B, m]
-            if retrieved is not None:
-                retrieved.append(idx)
-            B, m = idx.shape
-            picked = rows[idx].to(h.dtype)                                            # [B, m, d]
-            # Fewer than K0 stored rows: they sit right before the STM, so the STM and prompt keep their positions.
-            ltm_pos = torch.arange(1 + K0 - m, 1 + K0, device=h.device).expand(B, m)
+            if view.kv_store is not None:
+                # The short-term rows' K/V come from the store; only BOS and retrieved rows are projected here.
+                stm_kv = self._cached_kv(view, layer_idx, layer)
+                picked, ltm_pos = self._retrieve(layer, layer_idx, h, ltm, K0, retrieved)
+                return picked, ltm_pos, stm_kv
+            picked, ltm_pos = self._retrieve(layer, layer_idx, h, ltm, K0, retrieved)
+            B = picked.shape[0]
             return (torch.cat([picked, rows_l.to(h.dtype).expand(B, -1, -1)], 1),
                     torch.cat([ltm_pos, pos_l.expand(B, -1)], 1))
         return prefix
+
+    @staticmethod
+    def _retrieve(layer: "MemoryDecoderLayer", layer_idx: int, h: torch.Tensor, ltm: LongTermMemory | None, K0: int,
+                  retrieved: list | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's long-term rows for queries h [B, n, d]: ([B, m, d] oldest first, their positions [B, m])."""
+        B = h.shape[0]
+        if ltm is None or ltm.size == 0:
+            return h.new_zeros(B, 0, h.shape[2]), torch.zeros(B, 0, dtype=torch.long, device=h.device)
+        rows, keys, ages = ltm.view(layer_idx)
+        with torch.no_grad():  # retrieval is a selection: no gradient flows through it (official: no_grad)
+            queries = layer.retriever.query_proj(layer.input_layernorm(h))
+            idx = select_oldest_first(mean_sigmoid_scores(queries, keys.to(queries.dtype)), ages, K0)  # [B, m]
+        if retrieved is not None:
+            retrieved.append(idx)
+        m = idx.shape[1]
+        # Fewer than K0 stored rows: they sit right before the STM, so the STM and prompt keep their positions.
+        ltm_pos = torch.arange(1 + K0 - m, 1 + K0, device=h.device).expand(B, m)
+        return rows[idx].to(h.dtype), ltm_pos
 
     def prefix_length(self, memory: MemoryState) -> int:
         """Memory rows (BOS included) in front of a read: 1 + min(K0, stored LTM rows) + N."""
