@@ -368,12 +368,10 @@ class MPlus(nn.Module):
         def prefix(layer: MemoryDecoderLayer, h: torch.Tensor):
             if probe is not None:
                 probe.score(layer, layer_idx, h, view.rows[layer_idx])
-            if view.kv_store is not None:
-                # The short-term rows' K/V come from the store; only BOS and retrieved rows are projected here.
-                stm_kv = self._cached_kv(view, layer_idx, layer)
-                picked, ltm_pos = self._retrieve(layer, layer_idx, h, ltm, K0, retrieved)
-                return picked, ltm_pos, stm_kv
             picked, ltm_pos = self._retrieve(layer, layer_idx, h, ltm, K0, retrieved)
+            if view.kv_store is not None:
+                # The view rows' K/V come from the store; only BOS and the retrieved rows are projected here.
+                return picked, ltm_pos, self._cached_kv(view, layer_idx, layer)
             B = picked.shape[0]
             return (torch.cat([picked, rows_l.to(h.dtype).expand(B, -1, -1)], 1),
                     torch.cat([ltm_pos, pos_l.expand(B, -1)], 1))
