@@ -1,0 +1,458 @@
+"""Synthetic facts about people: the corpus, the question/answer pairs, and the training DataModule of the CPU demo.
+
+The corpus (`generate_corpus`) is a deterministic function of a seed: people (a first name and a last name drawn
+from fixed lists) each with a birth city, an employer and a birth year, written as one short sentence, e.g.
+
+    Fact: Alice Moreno was born in Lisbon in 1987 and now works for Ardent.
+
+and asked about with one of three questions ("Where was Alice Moreno born?" -> "Lisbon"). People are split into
+three disjoint sets of (first, last) pairs: `train` (the only ones training ever sees), `val` (validation during
+training) and `heldout` (the retention evaluation). A held-out person shares first and last names with training
+people, never the pair, and their attributes are drawn independently: a model can only answer about them by
+reading the fact back from its memory.
+
+`write_corpus` lays the corpus out on disk (`data/generated/demo/` by default, git-ignored):
+
+    facts.json                                 every person with their fact text and questions, per split
+    retention/val_data.json                    held-out (context, question, answer) items: the evaluation's
+                                               "processed" layout (mplus_lightning/data/retention.py)
+    retention/unrelated_contexts_from_train.json   training facts, injected between a fact and its question
+    tokenizer_texts.txt                        what the demo's tokenizer is trained on
+
+`FactsDataModule` (config `data.kind: facts`) turns the training people into samples: the contexts are one to a few
+fact chunks (one fact per chunk), the target is "Question: <question> Answer: <answer></s>" about one of them, with
+`target_mask` False on the question so that the loss falls on the answer only (which is only recoverable from
+memory). The stream is endless and deterministic (sample k of rank r depends only on the seed, r and k), so a
+resumed run continues exactly (`samples_consumed`).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from .sample import Sample
+from .stream import ListStream, SampleDataModule, collate_single
+from .tokenizer import check_tokenizer, encode, load_tokenizer
+
+FIRST_NAMES = (
+    "Alice", "Bruno", "Clara", "Daniel", "Elena", "Felix", "Greta", "Hugo", "Irene", "Jonas", "Karin", "Leo",
+    "Maria", "Nico", "Olga", "Pablo", "Rosa", "Simon", "Tina", "Victor", "Wanda", "Yusuf", "Zoe", "Anton",
+    "Berta", "Carlos", "Dora", "Emil", "Fiona", "Gustav", "Helen", "Igor", "Julia", "Kevin", "Laura", "Marco",
+    "Nora", "Oscar", "Paula", "Ruben", "Sofia", "Tomas", "Ursula", "Vera", "Walter", "Xenia", "Yara", "Adam",
+)
+LAST_NAMES = (
+    "Moreno", "Fischer", "Nakamura", "Okafor", "Larsen", "Rossi", "Novak", "Silva", "Kowalski", "Dubois",
+    "Meyer", "Tanaka", "Haddad", "Jensen", "Costa", "Petrov", "Ortega", "Weber", "Sato", "Mensah", "Horvat",
+    "Lindqvist", "Baker", "Romano", "Yilmaz", "Kim", "Brandt", "Varga", "Quinn", "Ferreira", "Ivanova", "Schmidt",
+    "Duarte", "Morgan", "Hughes", "Khan", "Berg", "Nowak", "Torres", "Wolf", "Park", "Santos", "Keller", "Lopez",
+    "Murphy", "Popescu", "Ahmed", "Castro",
+)
+CITIES = (
+    "Lisbon", "Oslo", "Cairo", "Lima", "Berlin", "Dublin", "Madrid", "Nairobi", "Tokyo", "Quito", "Vienna", "Zurich",
+    "Prague", "Athens", "Bogota", "Hanoi", "Manila", "Dakar", "Tunis", "Minsk", "Riga", "Tallinn", "Seoul",
+    "Havana", "Lagos", "Kyiv", "Turin", "Paris", "Chicago", "Denver", "Osaka", "Perth",
+)
+EMPLOYERS = (
+    "Ardent", "Bluefin", "Corvex", "Dynamo", "Elmwood", "Fjord", "Granite", "Helix", "Ironbark", "Juniper",
+    "Kestrel", "Lumen", "Mosaic", "Nimbus", "Onyx", "Pinnacle", "Quartz", "Redwood", "Summit", "Tidal", "Umbra",
+    "Vertex", "Willow", "Zenith",
+)
+YEARS = tuple(str(y) for y in range(1950, 2000))
+
+ATTRIBUTES = ("city", "year", "employer")
+FACT_TEMPLATE = "Fact: {name} was born in {city} in {year} and now works for {employer}."
+"""One fact per person. "Fact:" in front keeps the name tokens the same as in the questions (" Alice")."""
+QUESTIONS = {
+    "city": "Where was {name} born?",
+    "year": "In which year was {name} born?",
+    "employer": "Who does {name} work for?",
+}
+CONTEXT_TEMPLATE = "{context}"
+QUESTION_TEMPLATE = "Question: {question} Answer:"
+"""The retention evaluation's prompt for the "processed" layout (data/retention.py TEMPLATES); training targets use
+exactly this prompt followed by " <answer></s>"."""
+
+SPLITS = ("train", "val", "heldout")
+CORPUS_FILE = "facts.json"
+RETENTION_DIR = "retention"
+TOKENIZER_TEXTS = "tokenizer_texts.txt"
+
+
+def _check_lists() -> None:
+    """Answers are scored by exact hit (the gold string occurs in the generated text): no answer may contain
+    another, and names must be unique."""
+    for group in (FIRST_NAMES, LAST_NAMES, CITIES, EMPLOYERS, YEARS):
+        assert len(set(group)) == len(group), "duplicate entry in a word list"
+    answers = CITIES + EMPLOYERS + YEARS
+    for a, b in itertools.permutations(answers, 2):
+        assert a not in b, f"answer {a!r} is contained in answer {b!r}: exact-hit scoring would be ambiguous"
+    for a, name in itertools.product(answers, FIRST_NAMES + LAST_NAMES):
+        assert a not in name, f"answer {a!r} is contained in the name {name!r}"
+
+
+_check_lists()
+
+
+@dataclass(frozen=True)
+class Person:
+    first: str
+    last: str
+    city: str
+    year: str
+    employer: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.first} {self.last}"
+
+    def fact(self) -> str:
+        return FACT_TEMPLATE.format(name=self.name, city=self.city, year=self.year, employer=self.employer)
+
+    def answer(self, attribute: str) -> str:
+        return getattr(self, attribute)
+
+    def question(self, attribute: str) -> str:
+        return QUESTIONS[attribute].format(name=self.name)
+
+    def qa_pairs(self) -> list[tuple[str, str, str]]:
+        """(attribute, question, answer) for every attribute."""
+        return [(a, self.question(a), self.answer(a)) for a in ATTRIBUTES]
+
+
+@dataclass
+class FactCorpus:
+    seed: int
+    train: list[Person]
+    val: list[Person]
+    heldout: list[Person]
+
+    def split(self, name: str) -> list[Person]:
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; choose from {SPLITS}")
+        return getattr(self, name)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"seed": self.seed, "template": FACT_TEMPLATE, "questions": QUESTIONS,
+                **{s: [{**asdict(p), "name": p.name, "fact": p.fact(),
+                        "qa": [{"attribute": a, "question": q, "answer": ans} for a, q, ans in p.qa_pairs()]}
+                       for p in self.split(s)] for s in SPLITS}}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "FactCorpus":
+        fields = ("first", "last", "city", "year", "employer")
+        return cls(seed=int(data["seed"]),
+                   **{s: [Person(**{f: str(p[f]) for f in fields}) for p in data[s]] for s in SPLITS})
+
+
+def generate_corpus(seed: int = 0, *, num_train: int | None = None, num_val: int = 64, num_heldout: int = 200
+                    ) -> FactCorpus:
+    """People with random attributes; the (first, last) pairs of the three splits are disjoint.
+
+    `num_train` defaults to every pair not used by the other splits (48 x 48 - num_val - num_heldout).
+    """
+    rng = random.Random(f"facts:{seed}")
+    pairs = list(itertools.product(FIRST_NAMES, LAST_NAMES))
+    rng.shuffle(pairs)
+    need = num_val + num_heldout
+    if need >= len(pairs):
+        raise ValueError(f"{need} val + held-out people leave no training people (only {len(pairs)} name pairs)")
+    heldout_pairs, val_pairs, rest = pairs[:num_heldout], pairs[num_heldout:need], pairs[need:]
+    if num_train is not None:
+        if num_train > len(rest):
+            raise ValueError(f"num_train={num_train}: only {len(rest)} name pairs are left for training")
+        rest = rest[:num_train]
+
+    def person(first: str, last: str) -> Person:
+        return Person(first, last, rng.choice(CITIES), rng.choice(YEARS), rng.choice(EMPLOYERS))
+
+    return FactCorpus(seed=seed, train=[person(*p) for p in rest], val=[person(*p) for p in val_pairs],
+                      heldout=[person(*p) for p in heldout_pairs])
+
+
+def retention_items(people: Sequence[Person]) -> list[dict[str, str]]:
+    """One (context, question, answer) item per person, the asked attribute cycling city, year, employer."""
+    return [{"context": p.fact(), "question": p.question(a), "answer": p.answer(a)}
+            for p, a in zip(people, itertools.cycle(ATTRIBUTES))]
+
+
+def distractor_texts(corpus: FactCorpus, count: int = 400) -> list[str]:
+    """Training facts in a seeded order: the unrelated contexts injected between a fact and its question."""
+    people = list(corpus.train)
+    random.Random(f"distractors:{corpus.seed}").shuffle(people)
+    return [p.fact() for p in people[:count]]
+
+
+def tokenizer_texts(corpus: FactCorpus) -> list[str]:
+    """Every fact, question, prompt and answer the demo ever encodes (all splits: the vocabulary must cover the
+    held-out names; it says nothing about who was born where)."""
+    texts = []
+    for s in SPLITS:
+        for p in corpus.split(s):
+            texts.append(p.fact())
+            for _, q, a in p.qa_pairs():
+                texts.append(QUESTION_TEMPLATE.format(question=q) + " " + a)
+    return texts
+
+
+def write_corpus(corpus: FactCorpus, out_dir: str | Path, *, num_distractors: int = 400) -> dict[str, Path]:
+    """Write the corpus files (module docstring); returns their paths."""
+    out = Path(out_dir)
+    (out / RETENTION_DIR).mkdir(parents=True, exist_ok=True)
+    paths = {"corpus": out / CORPUS_FILE, "retention": out / RETENTION_DIR,
+             "val_data": out / RETENTION_DIR / "val_data.json",
+             "distractors": out / RETENTION_DIR / "unrelated_contexts_from_train.json",
+             "tokenizer_texts": out / TOKENIZER_TEXTS}
+    paths["corpus"].write_text(json.dumps(corpus.to_json(), indent=1))
+    paths["val_data"].write_text(json.dumps(retention_items(corpus.heldout), indent=1))
+    paths["distractors"].write_text(json.dumps(distractor_texts(corpus, num_distractors), indent=1))
+    paths["tokenizer_texts"].write_text("\n".join(tokenizer_texts(corpus)) + "\n")
+    return paths
+
+
+def load_corpus(path: str | Path) -> FactCorpus:
+    """A corpus written by `write_corpus` (the directory or its facts.json)."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / CORPUS_FILE
+    if not p.is_file():
+        raise FileNotFoundError(f"no facts corpus at {p}: generate one with `python -m mplus_lightning.demo` "
+                                "(or mplus_lightning.data.facts.write_corpus)")
+    return FactCorpus.from_json(json.loads(p.read_text()))
+
+
+# ---------------------------------------------------------------------------------------------------- samples
+@dataclass
+class FactSample(Sample):
+    target_mask: torch.Tensor | None = None
+    """1-D bool, same length as `target`: False = no loss on that token (the question part)."""
+    answer: str = ""
+    """The answer string (for inspection; training uses the ids)."""
+
+    def to(self, device: torch.device | str) -> "FactSample":
+        """A copy on `device` that keeps the mask (Lightning moves batches with `.to`)."""
+        return FactSample([c.to(device) for c in self.contexts], self.target.to(device), self.repeat, self.doc_id,
+                          self.source, self.position, self.epoch,
+                          None if self.target_mask is None else self.target_mask.to(device), self.answer)
+
+    def pin_memory(self) -> "FactSample":
+        return FactSample([c.pin_memory() for c in self.contexts], self.target.pin_memory(), self.repeat,
+                          self.doc_id, self.source, self.position, self.epoch,
+                          None if self.target_mask is None else self.target_mask.pin_memory(), self.answer)
+
+
+class FactEncoder:
+    """Fact chunks and question/answer targets as token ids, cached per string (the corpus repeats a lot)."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.eos = tokenizer.eos_token_id
+        self.bos = tokenizer.bos_token_id
+        self._cache: dict[str, list[int]] = {}
+
+    def ids(self, text: str) -> list[int]:
+        out = self._cache.get(text)
+        if out is None:
+            out = [t for t in encode(self.tokenizer, text) if t != self.bos]
+            self._cache[text] = out
+        return out
+
+    def context(self, person: Person) -> torch.Tensor:
+        return torch.tensor(self.ids(CONTEXT_TEMPLATE.format(context=person.fact())), dtype=torch.long)
+
+    def target(self, question: str, answer: str, eos_in_loss: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt ids (as the evaluation encodes them) + answer ids + EOS, and the loss mask: True on the answer
+        (and on the EOS with `eos_in_loss`)."""
+        prompt = self.ids(QUESTION_TEMPLATE.format(question=question))
+        answer_ids = self.ids(" " + answer)
+        eos = [self.eos] if self.eos is not None else []
+        ids = torch.tensor(prompt + answer_ids + eos, dtype=torch.long)
+        mask = torch.zeros(len(ids), dtype=torch.bool)
+        mask[len(prompt):len(prompt) + len(answer_ids) + (len(eos) if eos_in_loss else 0)] = True
+        return ids, mask
+
+
+def make_fact_sample(people: Sequence[Person], rng: random.Random, enc: FactEncoder, *, num_facts: int,
+                     ask: str = "uniform", num_questions: int = 1, eos_in_loss: bool = True, doc_id: str = "",
+                     source: str = "facts", position: int = -1) -> FactSample:
+    """`num_facts` distinct people as context chunks (one fact each) and questions about them as the target.
+
+    ask: which fact the first question is about: uniform (any injected fact), first (the oldest one: the longest
+    distance in the sample) or last. Further questions (`num_questions` in all) follow in the same target, each
+    "Question: ... Answer: <answer></s>", about the other injected facts first, then about the same facts' other
+    attributes (at most every attribute of every fact once): more answer tokens per training step, each
+    recoverable only from memory. `eos_in_loss`: also predict the EOS
+    after each answer (training; validation scores the answer tokens alone).
+    """
+    if num_questions < 1:
+        raise ValueError(f"num_questions must be >= 1, got {num_questions}")
+    chosen = rng.sample(range(len(people)), num_facts)
+    if ask == "uniform":
+        first = rng.randrange(num_facts)
+    elif ask == "first":
+        first = 0
+    elif ask == "last":
+        first = num_facts - 1
+    else:
+        raise ValueError(f"ask must be uniform, first or last, got {ask!r}")
+    others = [j for j in range(num_facts) if j != first]
+    rng.shuffle(others)
+    order = [first] + others
+    asked: list[tuple[int, str]] = []
+    for q in range(min(num_questions, num_facts * len(ATTRIBUTES))):   # never the same question twice
+        j = order[q % num_facts]
+        used = {a for i, a in asked if i == j}
+        attribute = rng.choice([a for a in ATTRIBUTES if a not in used])
+        asked.append((j, attribute))
+    ids, masks = [], []
+    for j, attribute in asked:
+        person = people[chosen[j]]
+        t, m = enc.target(person.question(attribute), person.answer(attribute), eos_in_loss=eos_in_loss)
+        ids.append(t)
+        masks.append(m)
+    j, attribute = asked[0]
+    return FactSample(contexts=[enc.context(people[i]) for i in chosen], target=torch.cat(ids), doc_id=doc_id,
+                      source=source, position=position, target_mask=torch.cat(masks),
+                      answer=people[chosen[j]].answer(attribute))
+
+
+class FactStream(IterableDataset):
+    """Endless facts samples of one rank, starting at sample `skip`; sample k depends on (seed, rank, k) only."""
+
+    def __init__(self, people: Sequence[Person], enc: FactEncoder, *, seed: int, rank: int, skip: int,
+                 num_facts: Sequence[int], num_facts_weights: Sequence[float] | None, ask: str,
+                 num_questions: int = 1, repeat_ratio: float = 0.0):
+        super().__init__()
+        self.people, self.enc, self.seed, self.rank, self.skip = list(people), enc, seed, rank, skip
+        self.num_facts, self.weights, self.ask = list(num_facts), num_facts_weights, ask
+        self.num_questions, self.repeat_ratio = num_questions, repeat_ratio
+
+    def sample(self, k: int) -> FactSample:
+        rng = random.Random(f"{self.seed}:facts:{self.rank}:{k}")
+        n = rng.choices(self.num_facts, weights=self.weights)[0]
+        sample = make_fact_sample(self.people, rng, self.enc, num_facts=n, ask=self.ask,
+                                  num_questions=self.num_questions, doc_id=f"facts:{self.rank}:{k}", position=k)
+        sample.repeat = rng.random() < self.repeat_ratio
+        return sample
+
+    def __iter__(self) -> Iterator[FactSample]:
+        for k in itertools.count(self.skip):
+            yield self.sample(k)
+
+
+class FactsDataModule(SampleDataModule):
+    """Training samples from the facts corpus (module docstring); `data.kind: facts` in a run config.
+
+    Args:
+        corpus: directory (or facts.json) written by `write_corpus`.
+        tokenizer: tokenizer directory (`train_tiny_tokenizer`).
+        num_facts: how many fact chunks a sample injects, drawn from this list...
+        num_facts_weights: ...with these weights (default uniform).
+        ask: which injected fact the (first) question is about: uniform | first | last.
+        num_questions: question/answer pairs per target (`make_fact_sample`).
+        repeat_ratio: share of "Repeat:" samples (the step's repeat task: the target is the instruction followed by
+            the injected facts, every token copied from memory).
+        val_samples: validation samples (people of the `val` split; answer accuracy is logged as val/token_acc).
+        val_num_facts: fact chunks per validation sample.
+        seed: data seed; vocab_size: the model's (the tokenizer is checked against it).
+    """
+
+    def __init__(self, corpus: str, tokenizer: str | Any, *, num_facts: Sequence[int] = (1, 2, 3, 4),
+                 num_facts_weights: Sequence[float] | None = None, ask: str = "uniform", num_questions: int = 1,
+                 repeat_ratio: float = 0.0, val_samples: int = 16, val_num_facts: int = 2, seed: int = 0, vocab_size: int | None = None):
+        super().__init__(seed=seed, vocab_size=vocab_size)
+        if not num_facts or min(num_facts) < 1:
+            raise ValueError(f"num_facts must list counts >= 1, got {list(num_facts)}")
+        if num_facts_weights is not None and len(num_facts_weights) != len(num_facts):
+            raise ValueError(f"num_facts_weights has {len(num_facts_weights)} entries, num_facts {len(num_facts)}")
+        if ask not in ("uniform", "first", "last"):
+            raise ValueError(f"ask must be uniform, first or last, got {ask!r}")
+        self.corpus_path, self._tokenizer_arg = corpus, tokenizer
+        self.num_facts, self.num_facts_weights, self.ask = list(num_facts), num_facts_weights, ask
+        self.num_questions = num_questions
+        if not 0.0 <= repeat_ratio <= 1.0:
+            raise ValueError(f"repeat_ratio must be in [0, 1], got {repeat_ratio}")
+        self.repeat_ratio = repeat_ratio
+        self.num_val, self.val_num_facts = val_samples, val_num_facts
+        self._corpus: FactCorpus | None = None
+        self._tokenizer: Any = None
+        self._enc: FactEncoder | None = None
+
+    @property
+    def corpus(self) -> FactCorpus:
+        if self._corpus is None:
+            self._corpus = load_corpus(self.corpus_path)
+            if max(self.num_facts) > len(self._corpus.train):
+                raise ValueError(f"num_facts up to {max(self.num_facts)} but the corpus has only "
+                                 f"{len(self._corpus.train)} training people")
+        return self._corpus
+
+    @property
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            t = self._tokenizer_arg
+            self._tokenizer = load_tokenizer(t) if isinstance(t, (str, Path)) else t
+            if self.vocab_size is not None:
+                check_tokenizer(self._tokenizer, self.vocab_size)
+        return self._tokenizer
+
+    @property
+    def encoder(self) -> FactEncoder:
+        if self._enc is None:
+            self._enc = FactEncoder(self.tokenizer)
+        return self._enc
+
+    def setup(self, stage: str | None = None) -> None:
+        _ = self.corpus, self.tokenizer   # fail on a missing corpus or a bad tokenizer before training starts
+
+    def build_train_dataset(self, rank: int | None = None, world_size: int | None = None,
+                            skip: int | None = None) -> FactStream:
+        r, _ = self.rank_and_world()
+        return FactStream(self.corpus.train, self.encoder, seed=self.seed, rank=r if rank is None else rank,
+                          skip=self.samples_consumed if skip is None else skip, num_facts=self.num_facts,
+                          num_facts_weights=self.num_facts_weights, ask=self.ask,
+                          num_questions=self.num_questions, repeat_ratio=self.repeat_ratio)
+
+    def train_dataloader(self) -> DataLoader:
+        # Built at every iter() from samples_consumed, so a resumed run (or Lightning's next epoch) continues.
+        return DataLoader(self.build_train_dataset(), batch_size=1, collate_fn=collate_single)
+
+    def val_samples(self) -> list[FactSample]:
+        people = self.corpus.val
+        if self.num_val <= 0 or not people:
+            return []
+        rng = random.Random(f"{self.seed}:facts-val")
+        n = min(self.val_num_facts, len(people))
+        # One question about the oldest injected fact, scored on its answer tokens alone (val/token_acc = answer
+        # accuracy), in the evaluation's prompt format.
+        return [make_fact_sample(people, rng, self.encoder, num_facts=n, ask="first", eos_in_loss=False,
+                                 doc_id=f"facts-val:{i}", source="facts-val", position=i) for i in range(self.num_val)]
+
+    def val_dataloader(self) -> DataLoader | list:
+        if self._val is None:
+            self._val = self.val_samples()
+        if not self._val:
+            return []
+        rank, world = self.rank_and_world()
+        per = len(self._val) // world
+        mine = self._val[rank * per:(rank + 1) * per]
+        return DataLoader(ListStream(mine), batch_size=1, collate_fn=collate_single)
+
+    def fingerprint(self) -> list[list[Any]]:
+        return [["facts", len(self.corpus.train), 1.0]]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"samples_consumed": int(self.samples_consumed), "seed": self.seed,
+                "num_facts": self.num_facts, "ask": self.ask, "num_questions": self.num_questions,
+                "sources": self.fingerprint()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.samples_consumed = int(state_dict["samples_consumed"])

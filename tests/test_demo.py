@@ -1,0 +1,166 @@
+"""The CPU demo: the facts corpus, its DataModule and a miniature run of the whole pipeline (`--quick`)."""
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from mplus_lightning import config as C
+from mplus_lightning.data import facts as F
+from mplus_lightning.data.retention import load_retention_set
+from mplus_lightning.data.tokenizer import train_tiny_tokenizer
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("facts")
+    corpus = F.generate_corpus(5)
+    F.write_corpus(corpus, out)
+    train_tiny_tokenizer(F.tokenizer_texts(corpus), 1024, out / "tokenizer")
+    return out
+
+
+def names(people):
+    return {(p.first, p.last) for p in people}
+
+
+def test_corpus_is_a_function_of_the_seed():
+    a, b, c = F.generate_corpus(1), F.generate_corpus(1), F.generate_corpus(2)
+    assert a.to_json() == b.to_json()
+    assert a.to_json() != c.to_json()
+    assert F.FactCorpus.from_json(json.loads(json.dumps(a.to_json()))).to_json() == a.to_json()
+
+
+def test_held_out_people_are_never_training_people(corpus_dir):
+    corpus = F.load_corpus(corpus_dir)
+    train, val, held = names(corpus.train), names(corpus.val), names(corpus.heldout)
+    assert len(held) == len(corpus.heldout) == 200 and len(train) == len(corpus.train) > 1000
+    assert not train & held and not train & val and not val & held
+    # ...nor in anything training or the evaluation's distractors read
+    held_names = {f"{a} {b}" for a, b in held}
+    distractors = json.loads((corpus_dir / "retention" / "unrelated_contexts_from_train.json").read_text())
+    assert distractors and not any(n in d for d in distractors for n in held_names)
+    dm = F.FactsDataModule(str(corpus_dir), str(corpus_dir / "tokenizer"), num_facts=[4], num_questions=3)
+    stream = dm.build_train_dataset(rank=0, world_size=1, skip=0)
+    for k in range(100):
+        s = stream.sample(k)
+        text = " ".join(dm.tokenizer.decode(c) for c in s.contexts) + dm.tokenizer.decode(s.target)
+        assert not any(n in text for n in held_names), text
+
+
+def test_every_answer_is_in_its_fact(corpus_dir):
+    corpus = F.load_corpus(corpus_dir)
+    for p in corpus.train[:300] + corpus.heldout:
+        for attribute, question, answer in p.qa_pairs():
+            assert answer in p.fact() and p.name in question and p.name in p.fact()
+            assert answer not in question
+    items = json.loads((corpus_dir / "retention" / "val_data.json").read_text())
+    assert len(items) == len(corpus.heldout)
+    assert all(it["answer"] in it["context"] for it in items)
+    assert {it["question"].split()[0] for it in items} == {"Where", "In", "Who"}   # the attributes cycle
+
+
+def test_the_evaluation_reads_the_generated_layout(corpus_dir):
+    rset = load_retention_set(corpus_dir / "retention", dataset="processed", index="none", num_items=None)
+    assert rset.name == "processed" and len(rset.items) == 200
+    first = F.load_corpus(corpus_dir).heldout[0]
+    assert (rset.items[0].context, rset.items[0].answer) == (first.fact(), first.city)
+    assert rset.question_template == F.QUESTION_TEMPLATE    # training targets use the evaluation's prompt
+    assert next(iter(rset.distractor_texts())) in {p.fact() for p in F.load_corpus(corpus_dir).train}
+
+
+def test_samples_mask_the_question_and_keep_the_answer(corpus_dir):
+    dm = F.FactsDataModule(str(corpus_dir), str(corpus_dir / "tokenizer"), num_facts=[1, 3], num_questions=2,
+                           vocab_size=1024, seed=3)
+    dm.setup()
+    tok, corpus = dm.tokenizer, dm.corpus
+    stream = dm.build_train_dataset(rank=0, world_size=1, skip=0)
+    seen_counts = set()
+    for k in range(40):
+        s = stream.sample(k)
+        seen_counts.add(len(s.contexts))
+        assert isinstance(s, F.FactSample) and s.target_mask.dtype == torch.bool
+        assert s.target_mask.shape == s.target.shape
+        assert all(len(c) == 16 for c in s.contexts)        # one fact = one block of K=16 rows
+        facts = [tok.decode(c) for c in s.contexts]
+        assert all(f in {p.fact() for p in corpus.train} for f in facts)
+        # the masked-in tokens are exactly " <answer></s>" for each question; the prompts are masked out
+        pieces = tok.decode(s.target[s.target_mask]).split("</s>")[:-1]
+        assert len(pieces) == min(2, 3 * len(s.contexts))
+        assert pieces[0] == " " + s.answer
+        assert all(any(p.strip() in f for f in facts) for p in pieces)
+        assert "Question:" in tok.decode(s.target[~s.target_mask]) and not s.target_mask[0]
+        assert s.target[-1] == tok.eos_token_id and s.target_mask[-1]
+    assert seen_counts == {1, 3}
+    # deterministic and resumable: sample k does not depend on where the stream started
+    again = dm.build_train_dataset(rank=0, world_size=1, skip=7)
+    first = next(iter(again))
+    assert torch.equal(first.target, stream.sample(7).target) and first.position == 7
+    # Lightning moves batches with .to(): the mask must survive
+    assert torch.equal(s.to("cpu").target_mask, s.target_mask)
+
+
+def test_validation_samples_score_the_answer_alone(corpus_dir):
+    dm = F.FactsDataModule(str(corpus_dir), str(corpus_dir / "tokenizer"), val_samples=4, val_num_facts=2)
+    val = dm.val_samples()
+    assert len(val) == 4
+    for s in val:
+        assert tok_text(dm, s.target[s.target_mask]) == " " + s.answer        # no EOS in the score
+        people = {p.fact() for p in dm.corpus.val}
+        assert all(tok_text(dm, c) in people for c in s.contexts)
+        # the question is about the oldest injected fact
+        assert s.answer in tok_text(dm, s.contexts[0])
+
+
+def tok_text(dm, ids):
+    return dm.tokenizer.decode(ids)
+
+
+def test_the_training_step_uses_the_mask(corpus_dir):
+    from mplus_lightning.stages.base import MemoryTrainingModule
+
+    cfg = C.load(ROOT / "experiments" / "demo_stage1.yaml",
+                 [f"data.params.corpus={corpus_dir}", f"data.params.tokenizer={corpus_dir / 'tokenizer'}"])
+    dm = F.FactsDataModule(**cfg.data.params)
+    s = dm.build_train_dataset(rank=0, world_size=1, skip=0).sample(0)
+    ids, mask = MemoryTrainingModule._target(type("M", (), {"cfg": cfg, "device": "cpu"})(), s, s.contexts)
+    assert torch.equal(mask[0], s.target_mask) and torch.equal(ids[0], s.target)
+
+
+def test_bad_parameters_are_named(corpus_dir):
+    with pytest.raises(ValueError, match="ask"):
+        F.FactsDataModule(str(corpus_dir), str(corpus_dir / "tokenizer"), ask="middle")
+    with pytest.raises(ValueError, match="num_facts"):
+        F.FactsDataModule(str(corpus_dir), str(corpus_dir / "tokenizer"), num_facts=[0])
+    with pytest.raises(FileNotFoundError, match="facts corpus"):
+        F.load_corpus(corpus_dir / "nowhere")
+    with pytest.raises(ValueError, match="num_questions"):
+        F.make_fact_sample(F.load_corpus(corpus_dir).train, random.Random(0), None, num_facts=1, num_questions=0)
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_the_whole_pipeline(tmp_path, capsys):
+    from mplus_lightning import demo
+
+    summary = demo.run_demo(tmp_path / "out", tmp_path / "data", quick=True)
+    out = capsys.readouterr().out
+    ret = tmp_path / "out" / "retention"
+    results = json.loads((ret / "results.json").read_text())
+    assert set(results["modes"]) == {"mplus", "memoryllm"} and results["num_items"] == 3
+    assert results["distances"] == [0, 16, 64]
+    assert (ret / "retention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any((ret / "tensorboard").iterdir())
+    for stage in ("stage1", "stage2", "ltm"):
+        assert (tmp_path / "out" / "runs" / stage / "export" / "config.json").is_file()
+        assert any((tmp_path / "out" / "runs" / stage / "tensorboard").iterdir())
+    assert (tmp_path / "data" / "retention" / "val_data.json").is_file()
+    saved = json.loads((tmp_path / "out" / "demo_summary.json").read_text())
+    assert [r["distance"] for r in saved["rows"]] == [0, 16, 64]
+    assert saved["rows"][1]["stm_share"] == pytest.approx(0.75)      # N=64 rows, K=16 per fact
+    assert set(saved["targets"]) == {"total_minutes", "distance0", "far"}
+    assert set(summary["timings_s"]) == {"data", "stage1", "stage2", "ltm", "eval"}
+    for needle in ("distance (tokens)", "MemoryLLM mode", "target:", "retention.png", "[ltm] step"):
+        assert needle in out, needle
