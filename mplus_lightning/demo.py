@@ -32,6 +32,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 
 from . import config as config_lib
@@ -77,39 +78,33 @@ def prepare_data(data_dir: Path, seed: int = 0) -> dict[str, Path]:
 
 
 # ---- 2. training ---------------------------------------------------------------------------------------------------
-class Progress:
-    """Lightning callback: one line every 10% of a stage (answer loss, validation answer accuracy, ETA)."""
+class Progress(L.Callback):
+    """One line every `every` steps of a stage: answer loss, validation answer accuracy, time and ETA."""
 
-    def __new__(cls, *args, **kwargs):  # a Callback subclass built lazily: importing lightning is slow
-        import lightning as L
+    def __init__(self, label: str, every: int):
+        self.label, self.every = label, max(1, every)
+        self.t0 = time.perf_counter()
+        self.losses: list[float] = []
+        self.val_acc: float | None = None
 
-        class _Progress(L.Callback):
-            def __init__(self, label: str, every: int):
-                self.label, self.every = label, max(1, every)
-                self.t0 = time.perf_counter()
-                self.losses: list[float] = []
-                self.val_acc: float | None = None
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        lm = trainer.callback_metrics.get("train/lm_loss")
+        if lm is not None:
+            self.losses.append(float(lm))
+        step, total = trainer.global_step, trainer.max_steps
+        if step % self.every == 0 or step == total:
+            elapsed = time.perf_counter() - self.t0
+            recent = self.losses[-self.every:]
+            loss = sum(recent) / len(recent) if recent else float("nan")
+            eta = elapsed / step * (total - step) if step else 0.0
+            val = f"  val answer acc {self.val_acc:.2f}" if self.val_acc is not None else ""
+            log(f"  [{self.label}] step {step:>5}/{total}  answer loss {loss:.3f}{val}  "
+                f"{_fmt_s(elapsed)} elapsed, ~{_fmt_s(eta)} left")
 
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                lm = trainer.callback_metrics.get("train/lm_loss")
-                if lm is not None:
-                    self.losses.append(float(lm))
-                step, total = trainer.global_step, trainer.max_steps
-                if step % self.every == 0 or step == total:
-                    elapsed = time.perf_counter() - self.t0
-                    recent = self.losses[-self.every:]
-                    loss = sum(recent) / len(recent) if recent else float("nan")
-                    eta = elapsed / step * (total - step) if step else 0.0
-                    val = f"  val answer acc {self.val_acc:.2f}" if self.val_acc is not None else ""
-                    log(f"  [{self.label}] step {step:>5}/{total}  answer loss {loss:.3f}{val}  "
-                        f"{_fmt_s(elapsed)} elapsed, ~{_fmt_s(eta)} left")
-
-            def on_validation_end(self, trainer, pl_module):
-                acc = trainer.callback_metrics.get("val/token_acc")
-                if acc is not None:
-                    self.val_acc = float(acc)
-
-        return _Progress(*args, **kwargs)
+    def on_validation_end(self, trainer, pl_module):
+        acc = trainer.callback_metrics.get("val/token_acc")   # facts datamodule: the answer tokens alone
+        if acc is not None:
+            self.val_acc = float(acc)
 
 
 def stage_config(yaml_name: str, out: Path, data_dir: Path, prev: Path | None, extra: list[str]):
@@ -123,8 +118,6 @@ def stage_config(yaml_name: str, out: Path, data_dir: Path, prev: Path | None, e
 
 def train_stage(cfg) -> Path:
     """`fit.run(cfg)` with a progress callback: train, save the config, export. Returns the export directory."""
-    import lightning as L
-
     from . import fit
     from .stages import module_for
 
@@ -186,7 +179,9 @@ def summarize(results: dict, model_config, timings: dict[str, float], total_s: f
 def format_table(summary: dict) -> str:
     modes = [m for m in ("mplus", "memoryllm") if m in summary["rows"][0]]
     head = {"mplus": "M+", "memoryllm": "MemoryLLM mode"}
-    lines = [f"{'distance (tokens)':>17}  {'facts injected after':>20}  {'rows left in STM':>16}  "
+    lines = ["(its rows in STM: expected share (1 - K/N)^t of the asked fact's rows still in the short-term pool after "
+             "t more facts)",
+             f"{'distance (tokens)':>17}  {'facts injected after':>20}  {'its rows in STM':>15}  "
              + "  ".join(f"{head[m]:>14}" for m in modes)]
     for r in summary["rows"]:
         lines.append(f"{r['distance']:>17}  {r['injections']:>20}  {r['stm_share']:>15.1%}  "
@@ -201,8 +196,17 @@ def run_demo(out: str | Path = "checkpoints/demo", data: str | Path = "data/gene
              seed: int = 0, threads: int = 1, stage_overrides: list[str] | None = None,
              eval_overrides: list[str] | None = None) -> dict[str, Any]:
     """The whole demo; returns the summary (also written to <out>/demo_summary.json)."""
+    threads_before = torch.get_num_threads()
+    try:
+        return _run_demo(Path(out), Path(data), quick=quick, seed=seed, threads=threads,
+                         stage_overrides=stage_overrides, eval_overrides=eval_overrides)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _run_demo(out: Path, data_dir: Path, *, quick: bool, seed: int, threads: int, stage_overrides: list[str] | None,
+              eval_overrides: list[str] | None) -> dict[str, Any]:
     t_start = time.perf_counter()
-    out, data_dir = Path(out), Path(data)
     # One intra-op thread: the matrices are tiny, and on a shared 2-core machine two OpenMP threads that wait for
     # each other's core make a step 10-100x slower (measured: 40 ms vs 0.3-7 s per step under load).
     torch.set_num_threads(threads)

@@ -103,6 +103,24 @@ def test_samples_mask_the_question_and_keep_the_answer(corpus_dir):
     assert torch.equal(s.to("cpu").target_mask, s.target_mask)
 
 
+def test_repeat_samples_and_resume_position(corpus_dir):
+    tok = str(corpus_dir / "tokenizer")
+    never = F.FactsDataModule(str(corpus_dir), tok, repeat_ratio=0.0).build_train_dataset(skip=0)
+    always = F.FactsDataModule(str(corpus_dir), tok, repeat_ratio=1.0).build_train_dataset(skip=0)
+    half = F.FactsDataModule(str(corpus_dir), tok, repeat_ratio=0.5).build_train_dataset(skip=0)
+    assert not any(never.sample(k).repeat for k in range(30)) and all(always.sample(k).repeat for k in range(30))
+    assert 5 < sum(half.sample(k).repeat for k in range(40)) < 35
+    with pytest.raises(ValueError, match="repeat_ratio"):
+        F.FactsDataModule(str(corpus_dir), tok, repeat_ratio=1.5)
+    # a checkpoint's data position: the next sample after a resume is the one the interrupted run would have seen
+    dm = F.FactsDataModule(str(corpus_dir), tok, seed=4)
+    dm.load_state_dict({**dm.state_dict(), "samples_consumed": 11})
+    resumed = next(iter(dm.train_dataloader()))
+    assert resumed.position == 11
+    assert torch.equal(resumed.target, F.FactsDataModule(str(corpus_dir), tok, seed=4).build_train_dataset(
+        skip=0).sample(11).target)
+
+
 def test_validation_samples_score_the_answer_alone(corpus_dir):
     dm = F.FactsDataModule(str(corpus_dir), str(corpus_dir / "tokenizer"), val_samples=4, val_num_facts=2)
     val = dm.val_samples()

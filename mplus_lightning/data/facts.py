@@ -194,7 +194,7 @@ def distractor_texts(corpus: FactCorpus, count: int = 400) -> list[str]:
 def tokenizer_texts(corpus: FactCorpus) -> list[str]:
     """Every fact, question, prompt and answer the demo ever encodes (all splits: the vocabulary must cover the
     held-out names; it says nothing about who was born where)."""
-    texts = []
+    texts = ["Repeat:"]   # the step's repeat-task instruction (data.instruction)
     for s in SPLITS:
         for p in corpus.split(s):
             texts.append(p.fact())
