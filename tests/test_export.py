@@ -85,3 +85,13 @@ def test_start_from_a_plain_llama_directory(tmp_path):
         # fresh adapters are no-ops (LoRA B = 0) and the BOS vectors are the BOS token's embedding
         torch.testing.assert_close(model.backbone_logits(ids, adapter="read"), hf(ids).logits)
     assert torch.equal(model.layers[0].memory_bos, hf.model.embed_tokens.weight[1])
+
+
+def test_tied_embeddings_export_and_load(tmp_path):
+    model = MPlus(tiny_config(llama={"tie_word_embeddings": True})).eval()
+    assert model.llama.lm_head.weight is model.llama.model.embed_tokens.weight
+    mem = trained_like(model)
+    model.save_pretrained(tmp_path / "tied", memory=mem)
+    back = MPlus.from_pretrained(tmp_path / "tied")
+    assert back.llama.lm_head.weight is back.llama.model.embed_tokens.weight
+    same_behaviour(model, mem, back, MemoryState.from_pretrained(tmp_path / "tied"))

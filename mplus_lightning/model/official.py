@@ -27,6 +27,7 @@ from .configuration import MPlusConfig
 from .memory import LongTermMemory, MemoryState
 
 WEIGHTS = "model.safetensors"
+TIED_HEAD = "llama.lm_head.weight"
 INDEX = "model.safetensors.index.json"
 _MEMORY_KEY = re.compile(r"^(memory|initialized|ltm\.\d+|ltm_keys\.\d+|ltm_ages\.\d+|ltm_recall_frequencies\.\d+)$")
 _ADAPTER_KEY = re.compile(r"\.lora_([AB])\.(default|decoder_adapter)\.")
@@ -144,8 +145,12 @@ def load_model(path, *, dtype=torch.float32, device="cpu"):
     weight_keys = [k for k in files if ours or not _MEMORY_KEY.match(k)]
     tensors = _read(files, weight_keys)
     state = tensors if ours else _official_weights(tensors, config.num_layers)
+    if config.llama.get("tie_word_embeddings") and TIED_HEAD not in state:
+        state[TIED_HEAD] = state["llama.model.embed_tokens.weight"]
     model = build_empty(config, dtype, device)
     load_state_strict(model, {k: v.to(dtype) for k, v in state.items()}, str(path))
+    if config.llama.get("tie_word_embeddings"):
+        model.llama.tie_weights()
     model.freeze_backbone()
     return model
 
@@ -214,6 +219,8 @@ def save_model_state(config: MPlusConfig, state: dict[str, torch.Tensor], out_di
         memory.check_compatible(config)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+    if config.llama.get("tie_word_embeddings"):   # one tensor, stored once (safetensors refuses shared tensors)
+        state = {k: v for k, v in state.items() if k != TIED_HEAD}
     save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(out / WEIGHTS))
     if memory is not None:
         memory.save(out / "memory")
