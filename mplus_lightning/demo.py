@@ -117,22 +117,13 @@ def stage_config(yaml_name: str, out: Path, data_dir: Path, prev: Path | None, e
 
 
 def train_stage(cfg) -> Path:
-    """`fit.run(cfg)` with a progress callback: train, save the config, export. Returns the export directory."""
+    """`fit.run(cfg)` with a progress callback, on a fresh run directory. Returns the export directory."""
     from . import fit
-    from .stages import module_for
 
-    L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     if cfg.out_dir.exists():
         shutil.rmtree(cfg.out_dir)   # a fresh run every time (no stale checkpoints or TensorBoard events)
-    datamodule = fit.build_datamodule(cfg)
-    module = module_for(cfg.stage)(cfg, fit.instruction_ids(cfg, datamodule))
-    trainer = fit.build_trainer(cfg)
-    trainer.callbacks.append(Progress(cfg.name, cfg.trainer.max_steps // 10))
-    config_lib.save(cfg, cfg.out_dir / "config.yaml")
-    trainer.fit(module, datamodule=datamodule)
-    export = cfg.out_dir / "export"
-    fit.export(trainer, module, export)
-    return export
+    fit.run(cfg, callbacks=[Progress(cfg.name, cfg.trainer.max_steps // 10)])
+    return cfg.out_dir / "export"
 
 
 # ---- 3. evaluation -------------------------------------------------------------------------------------------------

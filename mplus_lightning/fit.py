@@ -96,7 +96,7 @@ def resolve_resume(cfg: RunConfig) -> str | None:
     return str(path)
 
 
-def build_trainer(cfg: RunConfig) -> L.Trainer:
+def build_trainer(cfg: RunConfig, callbacks: list | None = None) -> L.Trainer:
     from .distributed import build_strategy
 
     t = cfg.trainer
@@ -110,17 +110,18 @@ def build_trainer(cfg: RunConfig) -> L.Trainer:
         val_check_interval=t.val_every_n_steps, check_val_every_n_epoch=None, limit_val_batches=t.val_batches,
         num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.progress_bar,
         logger=TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""),
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), *(callbacks or [])],
         enable_model_summary=False, deterministic=False, use_distributed_sampler=False,
     )
 
 
-def run(cfg: RunConfig) -> L.Trainer:
+def run(cfg: RunConfig, callbacks: list | None = None) -> L.Trainer:
+    """Train one stage and export it to <out_dir>/export; `callbacks` are added to the Trainer's own."""
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     ckpt_path = resolve_resume(cfg)
     datamodule = build_datamodule(cfg)
     module = module_for(cfg.stage)(cfg, instruction_ids(cfg, datamodule))
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, callbacks)
     if trainer.global_rank == 0:
         config_lib.save(cfg, cfg.out_dir / "config.yaml")
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)

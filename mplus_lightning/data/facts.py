@@ -40,8 +40,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .sample import Sample
-from .stream import ListStream, SampleDataModule, collate_single
-from .tokenizer import check_tokenizer, encode, load_tokenizer
+from .stream import ListStream, TokenizedDataModule, collate_single
+from .tokenizer import encode
 
 FIRST_NAMES = (
     "Alice", "Bruno", "Clara", "Daniel", "Elena", "Felix", "Greta", "Hugo", "Irene", "Jonas", "Karin", "Leo",
@@ -348,7 +348,7 @@ class FactStream(IterableDataset):
             yield self.sample(k)
 
 
-class FactsDataModule(SampleDataModule):
+class FactsDataModule(TokenizedDataModule):
     """Training samples from the facts corpus (module docstring); `data.kind: facts` in a run config.
 
     Args:
@@ -368,14 +368,14 @@ class FactsDataModule(SampleDataModule):
     def __init__(self, corpus: str, tokenizer: str | Any, *, num_facts: Sequence[int] = (1, 2, 3, 4),
                  num_facts_weights: Sequence[float] | None = None, ask: str = "uniform", num_questions: int = 1,
                  repeat_ratio: float = 0.0, val_samples: int = 16, val_num_facts: int = 2, seed: int = 0, vocab_size: int | None = None):
-        super().__init__(seed=seed, vocab_size=vocab_size)
+        super().__init__(tokenizer, seed=seed, vocab_size=vocab_size)
         if not num_facts or min(num_facts) < 1:
             raise ValueError(f"num_facts must list counts >= 1, got {list(num_facts)}")
         if num_facts_weights is not None and len(num_facts_weights) != len(num_facts):
             raise ValueError(f"num_facts_weights has {len(num_facts_weights)} entries, num_facts {len(num_facts)}")
         if ask not in ("uniform", "first", "last"):
             raise ValueError(f"ask must be uniform, first or last, got {ask!r}")
-        self.corpus_path, self._tokenizer_arg = corpus, tokenizer
+        self.corpus_path = corpus
         self.num_facts, self.num_facts_weights, self.ask = list(num_facts), num_facts_weights, ask
         self.num_questions = num_questions
         if not 0.0 <= repeat_ratio <= 1.0:
@@ -383,7 +383,6 @@ class FactsDataModule(SampleDataModule):
         self.repeat_ratio = repeat_ratio
         self.num_val, self.val_num_facts = val_samples, val_num_facts
         self._corpus: FactCorpus | None = None
-        self._tokenizer: Any = None
         self._enc: FactEncoder | None = None
 
     @property
@@ -394,15 +393,6 @@ class FactsDataModule(SampleDataModule):
                 raise ValueError(f"num_facts up to {max(self.num_facts)} but the corpus has only "
                                  f"{len(self._corpus.train)} training people")
         return self._corpus
-
-    @property
-    def tokenizer(self) -> Any:
-        if self._tokenizer is None:
-            t = self._tokenizer_arg
-            self._tokenizer = load_tokenizer(t) if isinstance(t, (str, Path)) else t
-            if self.vocab_size is not None:
-                check_tokenizer(self._tokenizer, self.vocab_size)
-        return self._tokenizer
 
     @property
     def encoder(self) -> FactEncoder:

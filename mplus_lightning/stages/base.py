@@ -193,7 +193,7 @@ class MemoryTrainingModule(L.LightningModule):
             mask = given[:S].bool() if given is not None else torch.ones_like(ids, dtype=torch.bool)
         return ids[None].to(self.device), mask[None].to(self.device)
 
-    def _probe(self, target_len: int, view_rows: int, encoder: bool) -> RetrieverProbe | None:
+    def _probe(self, target_len: int, encoder: bool) -> RetrieverProbe | None:
         s = self.cfg.step
         if not s.retriever_loss:
             return None
@@ -242,7 +242,7 @@ class MemoryTrainingModule(L.LightningModule):
         if (cfg.revisit and not c.last_step_was_revisit and c.ids is not None and c.chunks_since > 0
                 and self.rng.random() >= cfg.pass_ratio):
             # Revisit: the document fetched for this step is not used (as official); its target waits in no cache.
-            probe = self._probe(c.ids.shape[1], memory.size, encoder=False) if multi else None
+            probe = self._probe(c.ids.shape[1], encoder=False) if multi else None
             loss, n = model("lm_loss", c.ids, c.mask, model.view(memory), probe=probe)
             r_loss, metrics = self._retriever_losses(probe, self.row_doc == c.doc)
             c.last_step_was_revisit = True
@@ -266,7 +266,7 @@ class MemoryTrainingModule(L.LightningModule):
             else:
                 self._inject_no_grad(chunks, doc)
                 view = model.view(memory)
-            probe = self._probe(ids.shape[1], memory.size, encoder=True)
+            probe = self._probe(ids.shape[1], encoder=True)
             loss, n = model("lm_loss", ids, mask, view, probe=probe)
             r_loss, r_metrics = self._retriever_losses(probe, self.row_doc == doc)
             metrics.update(r_metrics)
