@@ -350,6 +350,14 @@ class MemoryState:
             raise ValueError(f"{meta_path}: format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
         return cls.from_state_dict(load_file(str(file)), meta)
 
+    @staticmethod
+    def saved_in(path: str | Path) -> bool:
+        """Whether a model directory holds a memory: our export's `memory/` or an official `memory` tensor."""
+        from .official import _weight_files  # local import: official.py imports this module
+
+        path = Path(path)
+        return (path / "memory" / MEMORY_META).is_file() or "memory" in _weight_files(path)
+
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None,
                         device: torch.device | str = "cpu") -> "MemoryState":

@@ -30,6 +30,11 @@ from .retriever import Retriever, mean_sigmoid_scores, select_oldest_first
 MIN_CHUNK_TOKENS = 16  # the official README's "hard minimum"; shorter chunks disturb the memory
 
 
+def is_memory_parameter(name: str) -> bool:
+    """What M+ adds to the Llama: LoRA adapters, per-layer BOS vectors, the new-memory embedding e, retrievers."""
+    return "lora_" in name or name.endswith("memory_bos") or "retriever" in name or name == "new_memory_embedding"
+
+
 class MemoryKVCache:
     """Per-layer key/value cache that starts with a memory prefix. Called by HF attention as `cache.update`.
 
@@ -250,8 +255,12 @@ class MPlus(nn.Module):
         """Train only what the official stages train: both adapters, BOS vectors, e, and the retrievers.
         `train_backbone` also trains the Llama weights (tiny models trained from scratch, e.g. the CPU demo)."""
         for name, p in self.named_parameters():
-            p.requires_grad_(train_backbone or ("lora_" in name) or name.endswith("memory_bos")
-                             or "retriever" in name or name == "new_memory_embedding")
+            p.requires_grad_(train_backbone or is_memory_parameter(name))
+
+    def train_backbone_only(self) -> None:
+        """Train the Llama weights alone (stage `pretrain`: no memory, so the memory parts would get no gradient)."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(not is_memory_parameter(name))
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -415,15 +424,21 @@ class MPlus(nn.Module):
     def forward(self, op: str, *args, **kwargs):
         """`model("write", ids, previous)` -> delta [L, K, d] (with gradients when enabled);
         `model("lm_loss", ids, loss_mask, view, probe=None)` -> (mean CE over masked-in next tokens, token count);
-        `model("keys", rows)` -> retrieval keys [L, k, s] of rows [L, k, d]."""
+        `model("keys", rows)` -> retrieval keys [L, k, s] of rows [L, k, d];
+        `model("plain_lm_loss", ids, loss_mask)` -> (mean CE, token count, greedy hits) of the plain Llama on a batch
+        [B, n] (no memory, no adapter: the `pretrain` stage of a from-scratch backbone)."""
         if op == "write":
             ids, previous = args
             return self._write_layers(self._embed(ids), previous)
         if op == "lm_loss":
             return self._lm_loss(*args, **kwargs)
+        if op == "plain_lm_loss":
+            ids, loss_mask = args
+            return self._next_token_loss(self._backbone_hidden(ids, adapter=None), ids, loss_mask,
+                                         with_accuracy=True)
         if op == "keys":
             return self.ltm_keys(*args)
-        raise ValueError(f"unknown op {op!r}: expected 'write', 'lm_loss' or 'keys'")
+        raise ValueError(f"unknown op {op!r}: expected 'write', 'lm_loss', 'plain_lm_loss' or 'keys'")
 
     def delta_view(self, delta: torch.Tensor, adapter: str = WRITE) -> ReadView:
         """A view of only the K rows just written (single-chunk training: the target reads [bos ; delta])."""
@@ -435,13 +450,19 @@ class MPlus(nn.Module):
                  probe: RetrieverProbe | None = None, with_accuracy: bool = False):
         """(mean CE, token count[, greedy next-token hits]) over the masked-in next tokens of `ids`."""
         h = self._read_layers(view, self._embed(ids), MemoryKVCache(len(self.layers)), probe=probe)
-        logits = self._logits(h[:, :-1]).float()                     # fp32 logits, as in the official training
-        labels = ids[:, 1:].masked_fill(~loss_mask[:, 1:], -100)
-        count = (labels != -100).sum()
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                 ignore_index=-100, reduction="sum") / count.clamp(min=1)
+        return self._next_token_loss(h, ids, loss_mask, with_accuracy)
+
+    def _next_token_loss(self, h: torch.Tensor, ids: torch.Tensor, loss_mask: torch.Tensor,
+                         with_accuracy: bool = False):
+        """(mean CE, count[, hits]) of predicting ids[:, t+1] from h[:, t] where loss_mask[:, t+1]. The lm_head runs
+        on those positions only (answers-only losses score a few tokens of each sequence)."""
+        scored = loss_mask[:, 1:].bool()
+        labels = ids[:, 1:][scored]
+        logits = self._logits(h[:, :-1][scored]).float()             # fp32 logits, as in the official training
+        count = labels.new_tensor(labels.numel())
+        loss = torch.nn.functional.cross_entropy(logits, labels, reduction="sum") / count.clamp(min=1)
         if with_accuracy:
-            return loss, count, ((logits.argmax(-1) == labels) & (labels != -100)).sum()
+            return loss, count, (logits.argmax(-1) == labels).sum()
         return loss, count
 
     # ---- public API --------------------------------------------------------------------------------------------
@@ -489,12 +510,15 @@ class MPlus(nn.Module):
 
         `adapter=None` runs the base weights alone (equal to HF LlamaForCausalLM); the plain-window baseline.
         """
-        ids = self._check_ids(input_ids, "backbone_logits")
+        return self._logits(self._backbone_hidden(self._check_ids(input_ids, "backbone_logits"), adapter))
+
+    def _backbone_hidden(self, ids: torch.Tensor, adapter: str | None) -> torch.Tensor:
+        """Final hidden states [B, n, d] of the plain Llama (causal, positions from 0, no memory prefix)."""
         h = self._embed(ids)
         pos, cache = self._positions(h, 0), MemoryKVCache(len(self.layers))
         for layer in self.layers:
             h = layer(h, adapter=adapter, position_embeddings=pos, rotary=self.rotary, cache=cache)
-        return self._logits(h)
+        return h
 
     @torch.no_grad()
     def generate(self, memory: MemoryState, input_ids, max_new_tokens: int = 20, *, do_sample: bool = False,
