@@ -143,7 +143,8 @@ def test_the_training_step_uses_the_mask(corpus_dir):
     cfg = C.load(ROOT / "experiments" / "demo_stage1.yaml",
                  [f"data.params.corpus={corpus_dir}", f"data.params.tokenizer={corpus_dir / 'tokenizer'}"])
     dm = F.FactsDataModule(**cfg.data.params)
-    s = dm.build_train_dataset(rank=0, world_size=1, skip=0).sample(0)
+    stream = dm.build_train_dataset(rank=0, world_size=1, skip=0)
+    s = next(s for s in map(stream.sample, range(20)) if not s.repeat)
     ids, mask = MemoryTrainingModule._target(type("M", (), {"cfg": cfg, "device": "cpu"})(), s, s.contexts)
     assert torch.equal(mask[0], s.target_mask) and torch.equal(ids[0], s.target)
 
@@ -171,7 +172,7 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path, capsys):
     assert results["distances"] == [0, 16, 64]
     assert (ret / "retention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any((ret / "tensorboard").iterdir())
-    for stage in ("stage1", "stage2", "ltm"):
+    for stage in ("pretrain", "stage1", "stage2", "ltm"):
         assert (tmp_path / "out" / "runs" / stage / "export" / "config.json").is_file()
         assert any((tmp_path / "out" / "runs" / stage / "tensorboard").iterdir())
     assert (tmp_path / "data" / "retention" / "val_data.json").is_file()
@@ -179,6 +180,6 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path, capsys):
     assert [r["distance"] for r in saved["rows"]] == [0, 16, 64]
     assert saved["rows"][1]["stm_share"] == pytest.approx(0.75)      # N=64 rows, K=16 per fact
     assert set(saved["targets"]) == {"total_minutes", "distance0", "far"}
-    assert set(summary["timings_s"]) == {"data", "stage1", "stage2", "ltm", "eval"}
-    for needle in ("distance (tokens)", "MemoryLLM mode", "target:", "retention.png", "[ltm] step"):
+    assert set(summary["timings_s"]) == {"data", "pretrain", "stage1", "stage2", "ltm", "eval"}
+    for needle in ("distance (tokens)", "MemoryLLM mode", "target:", "retention.png", "[ltm] step", "[pretrain] step"):
         assert needle in out, needle

@@ -80,6 +80,8 @@ CONTEXT_TEMPLATE = "{context}"
 QUESTION_TEMPLATE = "Question: {question} Answer:"
 """The retention evaluation's prompt for the "processed" layout (data/retention.py TEMPLATES); training targets use
 exactly this prompt followed by " <answer></s>"."""
+REPEAT_INSTRUCTION = "Repeat:"
+"""The repeat task's instruction (the memory stages' data.instruction default; the in_context layout's repeat)."""
 
 SPLITS = ("train", "val", "heldout")
 CORPUS_FILE = "facts.json"
@@ -178,6 +180,11 @@ def generate_corpus(seed: int = 0, *, num_train: int | None = None, num_val: int
                       heldout=[person(*p) for p in heldout_pairs])
 
 
+def with_fresh_attributes(person: Person, rng: random.Random) -> Person:
+    """The same name with newly drawn attributes: a fact no weight can have memorised."""
+    return Person(person.first, person.last, rng.choice(CITIES), rng.choice(YEARS), rng.choice(EMPLOYERS))
+
+
 def retention_items(people: Sequence[Person]) -> list[dict[str, str]]:
     """One (context, question, answer) item per person, the asked attribute cycling city, year, employer."""
     return [{"context": p.fact(), "question": p.question(a), "answer": p.answer(a)}
@@ -194,7 +201,7 @@ def distractor_texts(corpus: FactCorpus, count: int = 400) -> list[str]:
 def tokenizer_texts(corpus: FactCorpus) -> list[str]:
     """Every fact, question, prompt and answer the demo ever encodes (all splits: the vocabulary must cover the
     held-out names; it says nothing about who was born where)."""
-    texts = ["Repeat:"]   # the step's repeat-task instruction (data.instruction)
+    texts = [REPEAT_INSTRUCTION]
     for s in SPLITS:
         for p in corpus.split(s):
             texts.append(p.fact())
@@ -279,6 +286,13 @@ class FactEncoder:
         mask[len(prompt):len(prompt) + len(answer_ids) + (len(eos) if eos_in_loss else 0)] = True
         return ids, mask
 
+    def repeat_target(self, contexts: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The repeat task in context: the instruction, then the facts again, scored on the copy."""
+        instruction = torch.tensor(self.ids(REPEAT_INSTRUCTION), dtype=torch.long)
+        body = torch.cat(list(contexts))
+        mask = torch.cat([torch.zeros(len(instruction), dtype=torch.bool), torch.ones(len(body), dtype=torch.bool)])
+        return torch.cat([instruction, body]), mask
+
 
 def make_fact_sample(people: Sequence[Person], rng: random.Random, enc: FactEncoder, *, num_facts: int,
                      ask: str = "uniform", num_questions: int = 1, eos_in_loss: bool = True, doc_id: str = "",
@@ -289,8 +303,8 @@ def make_fact_sample(people: Sequence[Person], rng: random.Random, enc: FactEnco
     distance in the sample) or last. Further questions (`num_questions` in all) follow in the same target, each
     "Question: ... Answer: <answer></s>", about the other injected facts first, then about the same facts' other
     attributes (at most every attribute of every fact once): more answer tokens per training step, each
-    recoverable only from memory. `eos_in_loss`: also predict the EOS
-    after each answer (training; validation scores the answer tokens alone).
+    recoverable only from memory. `eos_in_loss`: also predict the EOS after each answer (training; validation
+    scores the answer tokens alone).
     """
     if num_questions < 1:
         raise ValueError(f"num_questions must be >= 1, got {num_questions}")
@@ -329,23 +343,57 @@ class FactStream(IterableDataset):
 
     def __init__(self, people: Sequence[Person], enc: FactEncoder, *, seed: int, rank: int, skip: int,
                  num_facts: Sequence[int], num_facts_weights: Sequence[float] | None, ask: str,
-                 num_questions: int = 1, repeat_ratio: float = 0.0):
+                 num_questions: int = 1, repeat_ratio: float = 0.0, fresh_attributes: bool = False,
+                 in_context: bool = False):
         super().__init__()
         self.people, self.enc, self.seed, self.rank, self.skip = list(people), enc, seed, rank, skip
         self.num_facts, self.weights, self.ask = list(num_facts), num_facts_weights, ask
-        self.num_questions, self.repeat_ratio = num_questions, repeat_ratio
+        self.num_questions, self.repeat_ratio, self.fresh_attributes = num_questions, repeat_ratio, fresh_attributes
+        self.in_context = in_context
 
     def sample(self, k: int) -> FactSample:
         rng = random.Random(f"{self.seed}:facts:{self.rank}:{k}")
         n = rng.choices(self.num_facts, weights=self.weights)[0]
-        sample = make_fact_sample(self.people, rng, self.enc, num_facts=n, ask=self.ask,
+        people = self.people
+        if self.fresh_attributes:
+            people = [with_fresh_attributes(p, rng) for p in rng.sample(people, n)]
+        sample = make_fact_sample(people, rng, self.enc, num_facts=n, ask=self.ask,
                                   num_questions=self.num_questions, doc_id=f"facts:{self.rank}:{k}", position=k)
-        sample.repeat = rng.random() < self.repeat_ratio
+        if rng.random() < self.repeat_ratio:
+            if self.in_context:   # the copy is part of the sequence; the memory stages build it from the chunks
+                sample.target, sample.target_mask = self.enc.repeat_target(sample.contexts)
+            else:
+                sample.repeat = True
         return sample
 
     def __iter__(self) -> Iterator[FactSample]:
         for k in itertools.count(self.skip):
             yield self.sample(k)
+
+
+def in_context_sequence(sample: FactSample) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sample laid out for the plain Llama: its facts, then its target (the questions, or for a repeat sample
+    the instruction and the facts again); the loss where the target's mask says."""
+    facts = torch.cat(sample.contexts)
+    ids = torch.cat([facts, sample.target])
+    mask = torch.cat([torch.zeros(len(facts), dtype=torch.bool), sample.target_mask.bool()])
+    return ids, mask
+
+
+class InContextCollate:
+    """Batches of in-context sequences, right-padded with `pad_id` (no loss there): {"input_ids", "loss_mask"}."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, samples: list[FactSample]) -> dict[str, torch.Tensor]:
+        seqs = [in_context_sequence(s) for s in samples]
+        T = max(len(ids) for ids, _ in seqs)
+        input_ids = torch.full((len(seqs), T), self.pad_id, dtype=torch.long)
+        loss_mask = torch.zeros(len(seqs), T, dtype=torch.bool)
+        for i, (ids, mask) in enumerate(seqs):
+            input_ids[i, :len(ids)], loss_mask[i, :len(mask)] = ids, mask
+        return {"input_ids": input_ids, "loss_mask": loss_mask}
 
 
 class FactsDataModule(TokenizedDataModule):
@@ -358,17 +406,34 @@ class FactsDataModule(TokenizedDataModule):
         num_facts_weights: ...with these weights (default uniform).
         ask: which injected fact the (first) question is about: uniform | first | last.
         num_questions: question/answer pairs per target (`make_fact_sample`).
-        repeat_ratio: share of "Repeat:" samples (the step's repeat task: the target is the instruction followed by
-            the injected facts, every token copied from memory).
+        repeat_ratio: share of "Repeat:" samples (the repeat task: the target is the instruction followed by the
+            facts again, every token copied from memory, or in the in_context layout from earlier in the sequence).
         val_samples: validation samples (people of the `val` split; answer accuracy is logged as val/token_acc).
         val_num_facts: fact chunks per validation sample.
+        fresh_attributes: every training sample draws new attributes for its people (names stay those of the
+            training split): nothing can be memorised in the weights, the only way to answer is to read the facts.
+        layout: `memory` (one sample per step: facts are injected, the questions read the memory; stages 1-3) or
+            `in_context` (batches of facts followed by their questions, for the plain Llama of stage `pretrain`).
+        batch_size: samples per batch of the in_context layout (the memory layout is one sample per step).
         seed: data seed; vocab_size: the model's (the tokenizer is checked against it).
     """
 
+    LAYOUTS = ("memory", "in_context")
+
     def __init__(self, corpus: str, tokenizer: str | Any, *, num_facts: Sequence[int] = (1, 2, 3, 4),
                  num_facts_weights: Sequence[float] | None = None, ask: str = "uniform", num_questions: int = 1,
-                 repeat_ratio: float = 0.0, val_samples: int = 16, val_num_facts: int = 2, seed: int = 0, vocab_size: int | None = None):
+                 repeat_ratio: float = 0.0, val_samples: int = 16, val_num_facts: int = 2,
+                 fresh_attributes: bool = False, layout: str = "memory", batch_size: int = 1, seed: int = 0,
+                 vocab_size: int | None = None):
         super().__init__(tokenizer, seed=seed, vocab_size=vocab_size)
+        if layout not in self.LAYOUTS:
+            raise ValueError(f"layout must be one of {self.LAYOUTS}, got {layout!r}")
+        if layout == "memory" and batch_size != 1:
+            raise ValueError(f"batch_size={batch_size}: the memory layout trains one sample per step (each sample "
+                             "writes into the one memory of its rank); batches are for layout=in_context")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.layout, self.batch_size, self.fresh_attributes = layout, batch_size, fresh_attributes
         if not num_facts or min(num_facts) < 1:
             raise ValueError(f"num_facts must list counts >= 1, got {list(num_facts)}")
         if num_facts_weights is not None and len(num_facts_weights) != len(num_facts):
@@ -409,11 +474,22 @@ class FactsDataModule(TokenizedDataModule):
         return FactStream(self.corpus.train, self.encoder, seed=self.seed, rank=r if rank is None else rank,
                           skip=self.samples_consumed if skip is None else skip, num_facts=self.num_facts,
                           num_facts_weights=self.num_facts_weights, ask=self.ask,
-                          num_questions=self.num_questions, repeat_ratio=self.repeat_ratio)
+                          num_questions=self.num_questions, repeat_ratio=self.repeat_ratio,
+                          fresh_attributes=self.fresh_attributes, in_context=self.in_context)
+
+    @property
+    def in_context(self) -> bool:
+        return self.layout == "in_context"
+
+    def _loader(self, dataset) -> DataLoader:
+        if self.in_context:
+            pad = self.encoder.eos if self.encoder.eos is not None else 0
+            return DataLoader(dataset, batch_size=self.batch_size, collate_fn=InContextCollate(pad))
+        return DataLoader(dataset, batch_size=1, collate_fn=collate_single)
 
     def train_dataloader(self) -> DataLoader:
         # Built at every iter() from samples_consumed, so a resumed run (or Lightning's next epoch) continues.
-        return DataLoader(self.build_train_dataset(), batch_size=1, collate_fn=collate_single)
+        return self._loader(self.build_train_dataset())
 
     def val_samples(self) -> list[FactSample]:
         people = self.corpus.val
@@ -434,7 +510,7 @@ class FactsDataModule(TokenizedDataModule):
         rank, world = self.rank_and_world()
         per = len(self._val) // world
         mine = self._val[rank * per:(rank + 1) * per]
-        return DataLoader(ListStream(mine), batch_size=1, collate_fn=collate_single)
+        return self._loader(ListStream(mine))
 
     def fingerprint(self) -> list[list[Any]]:
         return [["facts", len(self.corpus.train), 1.0]]
