@@ -14,7 +14,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-STAGES = ("stage1", "stage2", "ltm")
+STAGES = ("pretrain", "stage1", "stage2", "ltm")
 
 
 @dataclass
@@ -99,6 +99,8 @@ class OptimConfig:
     """linear (decay to final_lr_factor over decay_steps, then constant) | constant."""
     final_lr_factor: float = 0.1
     decay_steps: int = 100_000
+    warmup_steps: int = 0
+    """Linear warm-up from 0 over the first steps (either schedule; 0 = none, as official)."""
     grad_clip: float = 0.0
     """Gradient-norm clipping (0 = off, as official)."""
 
@@ -113,6 +115,8 @@ class TrainerConfig:
     strategy: str = "auto"
     """auto (one device) | fsdp2 (ModelParallelStrategy, fully_shard per decoder layer) | ddp."""
     activation_checkpointing: bool = False
+    accumulate_grad_batches: int = 1
+    """Samples (memory stages) or batches (pretrain) whose gradients add up before one optimizer step."""
     val_every_n_steps: int = 10_000
     val_batches: int = 50
     ckpt_every_n_steps: int = 10_000
@@ -127,7 +131,7 @@ class RunConfig:
     name: str = MISSING
     """Run name: outputs go to <run_dir>/<name>/ (checkpoints/, tensorboard/, config.yaml, export/)."""
     stage: str = "stage1"
-    """stage1 | stage2 | ltm."""
+    """pretrain (plain Llama, batched in-context data: backbones trained from scratch) | stage1 | stage2 | ltm."""
     run_dir: str = "checkpoints/runs"
     init_from: Optional[str] = None
     """Previous stage's export directory (<run>/export): weights and memory start there (pool resized as needed)."""

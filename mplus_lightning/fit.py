@@ -45,7 +45,8 @@ class MemoryCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer, filepath):
         super()._save_checkpoint(trainer, filepath)
-        trainer.lightning_module.save_rank_state(rank_state_path(filepath, trainer.global_rank))
+        if trainer.lightning_module.memory is not None:   # stage pretrain has none
+            trainer.lightning_module.save_rank_state(rank_state_path(filepath, trainer.global_rank))
         trainer.strategy.barrier("rank_state_saved")
 
     def _remove_checkpoint(self, trainer, filepath):
@@ -68,6 +69,17 @@ def build_datamodule(cfg: RunConfig):
         return cls(**cfg.data.params)
     except TypeError as e:
         raise ConfigError(f"data.params for data.kind={cfg.data.kind}: {e}") from None
+
+
+def check_layout(cfg: RunConfig, datamodule) -> None:
+    """Stage pretrain takes batches of in-context sequences; the memory stages take one sample at a time."""
+    in_context = bool(getattr(datamodule, "in_context", False))
+    if cfg.stage == "pretrain" and not in_context:
+        raise ConfigError(f"stage pretrain trains the plain Llama on batches of in-context text: data.kind="
+                          f"{cfg.data.kind} has no such layout (use data.kind=facts with data.params.layout=in_context)")
+    if cfg.stage != "pretrain" and in_context:
+        raise ConfigError(f"stage {cfg.stage} injects facts into memory: set data.params.layout=memory (in_context "
+                          "is for stage pretrain)")
 
 
 def instruction_ids(cfg: RunConfig, datamodule) -> list[int]:
@@ -107,6 +119,7 @@ def build_trainer(cfg: RunConfig, callbacks: list | None = None) -> L.Trainer:
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
         strategy=build_strategy(cfg), max_steps=t.max_steps, max_epochs=-1,
+        accumulate_grad_batches=t.accumulate_grad_batches,
         val_check_interval=t.val_every_n_steps, check_val_every_n_epoch=None, limit_val_batches=t.val_batches,
         num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.progress_bar,
         logger=TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""),
@@ -120,6 +133,7 @@ def run(cfg: RunConfig, callbacks: list | None = None) -> L.Trainer:
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     ckpt_path = resolve_resume(cfg)
     datamodule = build_datamodule(cfg)
+    check_layout(cfg, datamodule)
     module = module_for(cfg.stage)(cfg, instruction_ids(cfg, datamodule))
     trainer = build_trainer(cfg, callbacks)
     if trainer.global_rank == 0:

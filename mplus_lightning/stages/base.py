@@ -63,8 +63,60 @@ class StepResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-class MemoryTrainingModule(L.LightningModule):
-    """Shared logic of the three stages. Subclasses only check their stage's requirements."""
+class TrainingRecipe:
+    """What every stage's LightningModule shares: the optimizer and schedule, clipping, the model config in
+    checkpoints, the stop on a non-finite loss. Mixed into modules that own `cfg` (RunConfig) and `model` (MPlus)."""
+
+    cfg: RunConfig
+    model: MPlus
+
+    def configure_optimizers(self):
+        o = self.cfg.optim
+        main = [p for n, p in self.model.named_parameters() if p.requires_grad and "retriever" not in n]
+        selector = [p for n, p in self.model.named_parameters() if p.requires_grad and "retriever" in n]
+        groups = [{"params": main, "lr": o.lr, "name": "main"}]
+        if selector:
+            groups.append({"params": selector, "lr": o.selector_lr, "name": "selector"})
+        opt = torch.optim.AdamW(groups, weight_decay=o.weight_decay, betas=tuple(o.betas))
+        if o.schedule == "constant" and o.warmup_steps == 0:
+            return opt
+
+        def factor(step: int) -> float:
+            warmup = min(1.0, (step + 1) / o.warmup_steps) if o.warmup_steps > 0 else 1.0
+            if o.schedule == "constant":
+                return warmup
+            return warmup * (1.0 - (1.0 - o.final_lr_factor) * min(step, o.decay_steps) / max(1, o.decay_steps))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, [factor] * len(groups))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        if self.cfg.optim.grad_clip > 0:
+            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.optim.grad_clip, gradient_clip_algorithm="norm")
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """The model's config travels in the checkpoint, so `python -m mplus_lightning.export` needs nothing else."""
+        checkpoint["mplus_config"] = self.model.config.to_dict()
+
+    def _agree_max(self, value: int) -> int:
+        """The largest `value` over all ranks (1 process: `value`)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+            return value
+        t = torch.tensor([value], device=self.device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return int(t.item())
+
+    def stop_if_not_finite(self, loss: torch.Tensor, what: str) -> None:
+        """Every rank stops together on a non-finite loss, with the step and what was being trained."""
+        if self._agree_max(int(not torch.isfinite(loss))):
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()} on rank {self.global_rank}) at step {self.global_step} "
+                f"({what}): stopping. Nothing was saved after the last good checkpoint; resume from it with a lower "
+                "learning rate (optim.lr) or check the data.")
+
+
+class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
+    """Shared logic of the three memory stages. Subclasses only check their stage's requirements."""
 
     stage = "stage1"
 
@@ -145,14 +197,6 @@ class MemoryTrainingModule(L.LightningModule):
         slots = memory.slots_in_rank_order()[:, -memory.num_tokens:]
         row_doc.scatter_(1, slots, doc)
         return slots
-
-    def _agree_max(self, value: int) -> int:
-        """The largest `value` over all ranks (1 process: `value`)."""
-        if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-            return value
-        t = torch.tensor([value], device=self.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return int(t.item())
 
     def _inject_no_grad(self, chunks: list[torch.Tensor], doc: int, memory=None, row_doc=None) -> None:
         """Inject chunks one by one without gradient. Ranks with fewer chunks than the most any rank has run the
@@ -293,12 +337,7 @@ class MemoryTrainingModule(L.LightningModule):
         if self._t0 is None:
             self._t0 = time.perf_counter()
         result = self.run_step(sample)
-        if self._agree_max(int(not torch.isfinite(result.loss))):  # every rank stops together
-            raise FloatingPointError(
-                f"non-finite training loss ({result.loss.item()} on rank {self.global_rank}) at step "
-                f"{self.global_step} ({result.kind} step, "
-                f"document {getattr(sample, 'doc_id', '?')}): stopping. Nothing was saved after the last good "
-                "checkpoint; resume from it with a lower learning rate (optim.lr) or check the data.")
+        self.stop_if_not_finite(result.loss, f"{result.kind} step, document {getattr(sample, 'doc_id', '?')}")
         self._count_sample()
         elapsed = time.perf_counter() - self._t0
         self._t0 = time.perf_counter()
@@ -334,27 +373,6 @@ class MemoryTrainingModule(L.LightningModule):
         self.log("val/loss", loss, batch_size=1, sync_dist=True)
         self.log("val/token_acc", hit, batch_size=1, sync_dist=True)
 
-    def configure_optimizers(self):
-        o = self.cfg.optim
-        main = [p for n, p in self.model.named_parameters() if p.requires_grad and "retriever" not in n]
-        selector = [p for n, p in self.model.named_parameters() if p.requires_grad and "retriever" in n]
-        groups = [{"params": main, "lr": o.lr, "name": "main"}]
-        if selector:
-            groups.append({"params": selector, "lr": o.selector_lr, "name": "selector"})
-        opt = torch.optim.AdamW(groups, weight_decay=o.weight_decay, betas=tuple(o.betas))
-        if o.schedule == "constant":
-            return opt
-
-        def factor(step: int) -> float:
-            return 1.0 - (1.0 - o.final_lr_factor) * min(step, o.decay_steps) / max(1, o.decay_steps)
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, [factor] * len(groups))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        if self.cfg.optim.grad_clip > 0:
-            self.clip_gradients(optimizer, gradient_clip_val=self.cfg.optim.grad_clip, gradient_clip_algorithm="norm")
-
     # ---- per-rank state in checkpoints -------------------------------------------------------------------
     def rank_state(self) -> dict:
         c = self.revisit
@@ -372,10 +390,6 @@ class MemoryTrainingModule(L.LightningModule):
         tmp = path.with_suffix(".tmp")
         torch.save(self.rank_state(), tmp)
         tmp.replace(path)  # atomic: an interrupted save never leaves a half-written state
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        """The model's config travels in the checkpoint, so `python -m mplus_lightning.export` needs nothing else."""
-        checkpoint["mplus_config"] = self.model.config.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Load this rank's memory and step state from beside the checkpoint.

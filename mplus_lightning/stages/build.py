@@ -96,6 +96,9 @@ def initial_memory(cfg: RunConfig, model: MPlus, seed: int) -> MemoryState:
     source = cfg.init_from or (cfg.model.path if cfg.model.init == "pretrained" else None)
     if source is None:
         return model.new_memory(seed=seed)
+    if not MemoryState.saved_in(source):
+        log.info("%s has no memory (a pretrain stage's export): starting from a fresh pool", source)
+        return model.new_memory(seed=seed)
     memory = MemoryState.from_pretrained(source, dtype=model.dtype, device=model.device)
     return fit_pool(memory, model)
 

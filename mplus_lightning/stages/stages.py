@@ -35,4 +35,5 @@ class LtmModule(MemoryTrainingModule):
 
 
 def module_for(stage: str):
-    return {"stage1": Stage1Module, "stage2": Stage2Module, "ltm": LtmModule}[stage]
+    from .pretrain import PretrainModule
+    return {"pretrain": PretrainModule, "stage1": Stage1Module, "stage2": Stage2Module, "ltm": LtmModule}[stage]
