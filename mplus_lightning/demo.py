@@ -5,7 +5,10 @@
 1. Writes a deterministic synthetic corpus of facts about people (birth city, birth year, employer) and question /
    answer pairs to `data/generated/demo/` (mplus_lightning/data/facts.py), and trains a byte-level BPE tokenizer on
    it (`train_tiny_tokenizer`).
-2. Trains a tiny Llama-shaped M+ from scratch through the three stages, exactly as
+2. Trains a tiny Llama-shaped M+ from scratch: first the Llama alone on facts and questions in its context window
+   (the released M+ starts from a pretrained Llama; ours has to learn to read a fact back first), then the three
+   memory stages, exactly as
+       python -m mplus_lightning.fit --config experiments/demo_pretrain.yaml (plain Llama, batches of 64)
        python -m mplus_lightning.fit --config experiments/demo_stage1.yaml   (MemoryLLM)
        python -m mplus_lightning.fit --config experiments/demo_stage2.yaml   (+ retriever training)
        python -m mplus_lightning.fit --config experiments/demo_ltm.yaml      (+ long-term memory)
@@ -39,7 +42,8 @@ from . import config as config_lib
 from .data import facts as facts_lib
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = (("stage1", "demo_stage1.yaml"), ("stage2", "demo_stage2.yaml"), ("ltm", "demo_ltm.yaml"))
+STAGES = (("pretrain", "demo_pretrain.yaml"), ("stage1", "demo_stage1.yaml"), ("stage2", "demo_stage2.yaml"),
+          ("ltm", "demo_ltm.yaml"))
 EVAL_CONFIG = "demo_eval.yaml"
 TOKENIZER_VOCAB = 1024
 """Asked of the BPE trainer; the facts support fewer merges (about 830 tokens), all words become single tokens."""
@@ -48,6 +52,7 @@ TARGETS = {"distance0": 0.9, "far_mplus": 0.5, "far_memoryllm": 0.2, "far_share"
 
 QUICK_STAGE = ["trainer.max_steps=4", "trainer.val_every_n_steps=2", "trainer.val_batches=2",
                "trainer.ckpt_every_n_steps=4", "data.params.val_samples=2"]
+QUICK_PRETRAIN = ["data.params.batch_size=2"]
 QUICK_EVAL = ["num_items=3", "distances=[0,16,64]", "max_new_tokens=3"]
 
 
@@ -210,12 +215,15 @@ def _run_demo(out: Path, data_dir: Path, *, quick: bool, seed: int, threads: int
     timings["data"] = time.perf_counter() - t
 
     prev = None
-    extra = (QUICK_STAGE if quick else []) + list(stage_overrides or [])
     for i, (stage, yaml_name) in enumerate(STAGES, start=1):
-        cfg = stage_config(yaml_name, out, data_dir, prev, extra)
-        log(f"== 2/4 training {stage} ({i}/3): python -m mplus_lightning.fit --config experiments/{yaml_name}  "
-            f"[{cfg.trainer.max_steps} steps, pool {(cfg.model.num_blocks - cfg.model.num_ltm_blocks)} x "
-            f"{cfg.model.num_tokens} rows, {cfg.model.num_ltm_blocks * cfg.model.num_tokens} long-term rows read]")
+        extra = (QUICK_STAGE + (QUICK_PRETRAIN if stage == "pretrain" else []) if quick else [])
+        cfg = stage_config(yaml_name, out, data_dir, prev, extra + list(stage_overrides or []))
+        m = cfg.model
+        what = (f"batches of {cfg.data.params.get('batch_size')} in-context sequences, no memory" if stage == "pretrain"
+                else f"pool {m.num_blocks - m.num_ltm_blocks} x {m.num_tokens} rows, "
+                     f"{m.num_ltm_blocks * m.num_tokens} long-term rows read")
+        log(f"== 2/4 training {stage} ({i}/{len(STAGES)}): python -m mplus_lightning.fit --config "
+            f"experiments/{yaml_name}  [{cfg.trainer.max_steps} steps, {what}]")
         t = time.perf_counter()
         prev = train_stage(cfg)
         timings[stage] = time.perf_counter() - t

@@ -1,9 +1,10 @@
-"""The three stages. They share the step (base.py); each checks what its stage needs."""
+"""The three memory stages (they share the step, base.py; each checks what its stage needs), and the stage names."""
 
 from __future__ import annotations
 
 from ..config import RunConfig
 from .base import MemoryTrainingModule
+from .pretrain import PretrainModule
 
 
 class Stage1Module(MemoryTrainingModule):
@@ -35,5 +36,4 @@ class LtmModule(MemoryTrainingModule):
 
 
 def module_for(stage: str):
-    from .pretrain import PretrainModule
     return {"pretrain": PretrainModule, "stage1": Stage1Module, "stage2": Stage2Module, "ltm": LtmModule}[stage]
