@@ -145,7 +145,38 @@ def stm_share(injections: int, n_rows: int, k: int) -> float:
     return ((n_rows - k) / n_rows) ** injections
 
 
-def summarize(results: dict, model_config, timings: dict[str, float], total_s: float) -> dict[str, Any]:
+def newest_fact_answers(items_file: Path, data_dir: Path) -> dict[str, dict[int, float]]:
+    """Per mode and distance (> 0): the share of answers that are the asked attribute of the most recently injected
+    fact (a distractor) rather than of the fact asked about. High values mean the model reads the newest block of
+    its memory instead of looking the person up by name."""
+    by_text = {p.fact(): p for p in facts_lib.load_corpus(data_dir).train}
+    texts = json.loads((data_dir / facts_lib.RETENTION_DIR / "unrelated_contexts_from_train.json").read_text())
+    distractors = [by_text.get(t) for t in texts]
+
+    def attribute(question: str) -> str | None:
+        for a, template in facts_lib.QUESTIONS.items():
+            head, tail = template.split("{name}")
+            if question.startswith(head) and question.endswith(tail):
+                return a
+        return None
+
+    counts: dict[str, dict[int, list[int]]] = {}
+    for line in items_file.read_text().splitlines():
+        rec = json.loads(line)
+        a = attribute(rec.get("question", ""))
+        if rec.get("kind") not in ("mplus", "memoryllm") or a is None:
+            continue
+        for point in rec["points"]:
+            newest = distractors[point["injections"] - 1] if 0 < point["injections"] <= len(distractors) else None
+            if newest is not None:
+                c = counts.setdefault(rec["kind"], {}).setdefault(point["distance"], [0, 0])
+                c[0] += newest.answer(a) in point["prediction"]
+                c[1] += 1
+    return {m: {d: hit / n for d, (hit, n) in by_d.items()} for m, by_d in counts.items()}
+
+
+def summarize(results: dict, model_config, timings: dict[str, float], total_s: float,
+              newest: dict[str, dict[int, float]] | None = None) -> dict[str, Any]:
     """The table rows and the targets of issue #7, from the retention results."""
     N, K = model_config.stm_rows, model_config.num_tokens
     modes = results["modes"]
@@ -154,7 +185,8 @@ def summarize(results: dict, model_config, timings: dict[str, float], total_s: f
     for j, d in enumerate(ref["distances"]):
         t = ref["injections"][j]
         rows.append({"distance": d, "tokens": ref["tokens"][j], "injections": t, "stm_share": stm_share(t, N, K),
-                     **{m: modes[m]["exact_hit"][j] for m in modes}})
+                     **{m: modes[m]["exact_hit"][j] for m in modes},
+                     **{f"{m}_newest": (newest or {}).get(m, {}).get(d) for m in modes}})
     far = next((r for r in rows if r["stm_share"] < TARGETS["far_share"]), None)
     first = rows[0] if rows and rows[0]["distance"] == 0 else None
     targets = {
@@ -175,13 +207,19 @@ def summarize(results: dict, model_config, timings: dict[str, float], total_s: f
 def format_table(summary: dict) -> str:
     modes = [m for m in ("mplus", "memoryllm") if m in summary["rows"][0]]
     head = {"mplus": "M+", "memoryllm": "MemoryLLM mode"}
+    newest_head = "newest fact's (" + " / ".join(head[m].split()[0] for m in modes) + ")"
     lines = ["(its rows in STM: expected share (1 - K/N)^t of the asked fact's rows still in the short-term pool after "
-             "t more facts)",
+             "t more facts; newest fact's: answers that are the most recently injected fact's attribute instead)",
              f"{'distance (tokens)':>17}  {'facts injected after':>20}  {'its rows in STM':>15}  "
-             + "  ".join(f"{head[m]:>14}" for m in modes)]
+             + "  ".join(f"{head[m]:>14}" for m in modes) + f"  {newest_head:>28}"]
+
+    def newest(r):
+        shares = [r.get(f"{m}_newest") for m in modes]
+        return " / ".join("-" if s is None else f"{s:.2f}" for s in shares)
+
     for r in summary["rows"]:
         lines.append(f"{r['distance']:>17}  {r['injections']:>20}  {r['stm_share']:>15.1%}  "
-                     + "  ".join(f"{r[m]:>14.2f}" for m in modes))
+                     + "  ".join(f"{r[m]:>14.2f}" for m in modes) + f"  {newest(r):>28}")
     if summary["borderline"] is not None:
         lines.append(f"no-context borderline (question asked without its fact): {summary['borderline']:.2f}")
     return "\n".join(lines)
@@ -240,7 +278,8 @@ def _run_demo(out: Path, data_dir: Path, *, quick: bool, seed: int, threads: int
     total = time.perf_counter() - t_start
 
     from .model import MPlusConfig
-    summary = summarize(results, MPlusConfig.from_json(prev / "config.json"), timings, total)
+    newest = newest_fact_answers(Path(ecfg.out) / "items.jsonl", data_dir)
+    summary = summarize(results, MPlusConfig.from_json(prev / "config.json"), timings, total, newest)
     summary["files"] = {"results": str(Path(ecfg.out) / "results.json"), "plot": str(Path(ecfg.out) / "retention.png"),
                         "tensorboard": str(out), "model": str(prev), "data": str(data_dir)}
     summary["quick"] = quick

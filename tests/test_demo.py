@@ -183,3 +183,24 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path, capsys):
     assert set(summary["timings_s"]) == {"data", "pretrain", "stage1", "stage2", "ltm", "eval"}
     for needle in ("distance (tokens)", "MemoryLLM mode", "target:", "retention.png", "[ltm] step", "[pretrain] step"):
         assert needle in out, needle
+
+
+def test_newest_fact_answers_counts_answers_taken_from_the_latest_distractor(corpus_dir, tmp_path):
+    from mplus_lightning import demo
+
+    corpus = F.load_corpus(corpus_dir)
+    distractors = json.loads((corpus_dir / "retention" / "unrelated_contexts_from_train.json").read_text())
+    by_text = {p.fact(): p for p in corpus.train}
+    first, second = by_text[distractors[0]], by_text[distractors[1]]
+    asked = corpus.heldout[0]
+    rec = {"kind": "mplus", "question": asked.question("city"), "answer": asked.city, "points": [
+        {"distance": 0, "injections": 0, "prediction": f" {asked.city}"},
+        {"distance": 16, "injections": 1, "prediction": f" {first.city}"},      # the newest fact's city
+        {"distance": 32, "injections": 2, "prediction": f" {first.city}"}]}     # not the newest any more
+    other = dict(rec, question=asked.question("year"), points=[
+        {"distance": 16, "injections": 1, "prediction": f" {asked.year}"},
+        {"distance": 32, "injections": 2, "prediction": f" {second.year}"}])
+    items = tmp_path / "items.jsonl"
+    items.write_text("\n".join(json.dumps(r) for r in (rec, other, {"kind": "borderline", "id": "0"})) + "\n")
+    shares = demo.newest_fact_answers(items, corpus_dir)
+    assert shares == {"mplus": {16: 0.5, 32: 0.5 if first.city != second.city else 1.0}}
