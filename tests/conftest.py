@@ -46,3 +46,16 @@ def tiny_model():
 def tiny_memoryllm():
     torch.manual_seed(0)
     return randomize_adapters(MPlus(tiny_config(num_ltm_blocks=0, num_blocks=5)).eval())
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+    """A facts corpus (mplus_lightning/data/facts.py) with its tokenizer, written once per test session."""
+    from mplus_lightning.data import facts as F
+    from mplus_lightning.data.tokenizer import train_tiny_tokenizer
+
+    out = tmp_path_factory.mktemp("facts")
+    corpus = F.generate_corpus(5)
+    F.write_corpus(corpus, out)
+    train_tiny_tokenizer(F.tokenizer_texts(corpus), 1024, out / "tokenizer")
+    return out

@@ -9,18 +9,8 @@ import torch
 from mplus_lightning import config as C
 from mplus_lightning.data import facts as F
 from mplus_lightning.data.retention import load_retention_set
-from mplus_lightning.data.tokenizer import train_tiny_tokenizer
 
 ROOT = Path(__file__).parents[1]
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("facts")
-    corpus = F.generate_corpus(5)
-    F.write_corpus(corpus, out)
-    train_tiny_tokenizer(F.tokenizer_texts(corpus), 1024, out / "tokenizer")
-    return out
 
 
 def names(people):

@@ -8,22 +8,12 @@ from safetensors.torch import load_file
 from mplus_lightning import MPlus, config as C, fit
 from mplus_lightning.config import ConfigError
 from mplus_lightning.data import facts as F
-from mplus_lightning.data.tokenizer import train_tiny_tokenizer
 from mplus_lightning.model.configuration import tiny_config
 from mplus_lightning.model.mplus import is_memory_parameter
 from mplus_lightning.stages.build import build_model, initial_memory, model_config
 
 ROOT = Path(__file__).parents[1]
 QUIET = ["trainer.progress_bar=false", "trainer.log_every_n_steps=1"]
-
-
-@pytest.fixture(scope="module")
-def corpus_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("facts")
-    corpus = F.generate_corpus(3)
-    F.write_corpus(corpus, out)
-    train_tiny_tokenizer(F.tokenizer_texts(corpus), 1024, out / "tokenizer")
-    return out
 
 
 def data_overrides(corpus_dir):
