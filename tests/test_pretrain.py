@@ -148,3 +148,20 @@ def test_pretrain_resume_continues_exactly(tmp_path, corpus_dir):
     assert len(a) == 4 and set(a) == set(b)
     for step in a:
         assert a[step] == pytest.approx(b[step], rel=1e-5), step
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
+def test_pretrain_shards_with_fsdp2_on_two_ranks(tmp_path, corpus_dir):
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "mplus_lightning.fit", "--config", str(ROOT / "experiments" / "demo_pretrain.yaml"),
+            *data_overrides(corpus_dir), *QUIET, f"run_dir={tmp_path}", "trainer.strategy=fsdp2", "trainer.devices=2",
+            "trainer.max_steps=2", "trainer.ckpt_every_n_steps=2", "trainer.val_every_n_steps=1000",
+            "data.params.batch_size=4"]
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    export = tmp_path / "pretrain" / "export"
+    assert (export / "model.safetensors").is_file() and not (export / "memory").exists()
+    assert MPlus.from_pretrained(export).config.num_layers == 2

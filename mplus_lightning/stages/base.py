@@ -64,11 +64,17 @@ class StepResult:
 
 
 class TrainingRecipe:
-    """What every stage's LightningModule shares: the optimizer and schedule, clipping, the model config in
-    checkpoints, the stop on a non-finite loss. Mixed into modules that own `cfg` (RunConfig) and `model` (MPlus)."""
+    """What every stage's LightningModule shares: the stage check, FSDP2 sharding, the optimizer and schedule,
+    clipping, the model config in checkpoints, the stop on a non-finite loss. Mixed into modules that own `cfg`
+    (RunConfig) and `model` (MPlus)."""
 
     cfg: RunConfig
     model: MPlus
+    stage: str
+
+    def check_stage(self, cfg: RunConfig) -> None:
+        if cfg.stage != self.stage:
+            raise ValueError(f"{type(self).__name__} trains {self.stage}, config says stage={cfg.stage}")
 
     def configure_optimizers(self):
         o = self.cfg.optim
@@ -93,6 +99,24 @@ class TrainingRecipe:
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         if self.cfg.optim.grad_clip > 0:
             self.clip_gradients(optimizer, gradient_clip_val=self.cfg.optim.grad_clip, gradient_clip_algorithm="norm")
+
+    def configure_model(self) -> None:
+        """FSDP2: shard each decoder layer, then the root (ModelParallelStrategy); activation checkpointing per layer
+        on request. The adapter is a forward argument of each layer, so recomputation uses the right one."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        from ..distributed import checkpoint_layers, shard_backbone
+
+        if getattr(self, "_configured", False):
+            return
+        self._configured = True
+        ac = self.cfg.trainer.activation_checkpointing
+        if isinstance(self.trainer.strategy, ModelParallelStrategy):
+            param_dtype = torch.bfloat16 if self.cfg.trainer.precision.startswith("bf16") else None
+            shard_backbone(self.model, self.device_mesh["data_parallel"], param_dtype=param_dtype,
+                           activation_checkpointing=ac)
+        elif ac:
+            checkpoint_layers(self.model)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The model's config travels in the checkpoint, so `python -m mplus_lightning.export` needs nothing else."""
@@ -136,29 +160,6 @@ class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
         self.rank_rng = random.Random(cfg.trainer.seed)   # per-rank draws that trigger no collective
         self.evict_gen = torch.Generator().manual_seed(cfg.trainer.seed)
         self._t0 = None
-
-    # ---- stage hooks -----------------------------------------------------------------------------------------
-    def check_stage(self, cfg: RunConfig) -> None:
-        if cfg.stage != self.stage:
-            raise ValueError(f"{type(self).__name__} trains {self.stage}, config says stage={cfg.stage}")
-
-    def configure_model(self) -> None:
-        """FSDP2: shard each decoder layer, then the root (ModelParallelStrategy); activation checkpointing per layer
-        on request. The adapter is a forward argument of each layer, so recomputation uses the right one."""
-        from lightning.pytorch.strategies import ModelParallelStrategy
-
-        from ..distributed import checkpoint_layers, shard_backbone
-
-        if getattr(self, "_configured", False):
-            return
-        self._configured = True
-        ac = self.cfg.trainer.activation_checkpointing
-        if isinstance(self.trainer.strategy, ModelParallelStrategy):
-            param_dtype = torch.bfloat16 if self.cfg.trainer.precision.startswith("bf16") else None
-            shard_backbone(self.model, self.device_mesh["data_parallel"], param_dtype=param_dtype,
-                           activation_checkpointing=ac)
-        elif ac:
-            checkpoint_layers(self.model)
 
     # ---- memory lifecycle ------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

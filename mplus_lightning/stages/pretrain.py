@@ -27,8 +27,7 @@ class PretrainModule(TrainingRecipe, L.LightningModule):
 
     def __init__(self, cfg: RunConfig, instruction_ids: list[int] | None = None):
         super().__init__()
-        if cfg.stage != self.stage:
-            raise ValueError(f"{type(self).__name__} trains {self.stage}, config says stage={cfg.stage}")
+        self.check_stage(cfg)
         self.cfg = cfg
         self.model: MPlus = build_model(cfg)
         self.model.train_backbone_only()
