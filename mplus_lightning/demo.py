@@ -40,6 +40,7 @@ import torch
 
 from . import config as config_lib
 from .data import facts as facts_lib
+from .eval.io import iter_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = (("pretrain", "demo_pretrain.yaml"), ("stage1", "demo_stage1.yaml"), ("stage2", "demo_stage2.yaml"),
@@ -161,8 +162,7 @@ def newest_fact_answers(items_file: Path, data_dir: Path) -> dict[str, dict[int,
         return None
 
     counts: dict[str, dict[int, list[int]]] = {}
-    for line in items_file.read_text().splitlines():
-        rec = json.loads(line)
+    for _, rec in iter_jsonl(items_file):
         a = attribute(rec.get("question", ""))
         if rec.get("kind") not in ("mplus", "memoryllm") or a is None:
             continue

@@ -13,6 +13,7 @@ import random
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 WORDS = ("river castle history engine garden music planet winter market doctor science bridge ocean forest "
@@ -181,3 +182,10 @@ class one_thread:
     def __exit__(self, *exc):
         torch.set_num_threads(self.before)
         return False
+
+
+@pytest.fixture(autouse=True)
+def one_thread_per_test():
+    """Autouse in every module that imports it: each test runs torch on one thread."""
+    with one_thread():
+        yield

@@ -11,13 +11,8 @@ from mplus_lightning.eval import runtime
 from mplus_lightning.eval.cost import PeakMemory
 from mplus_lightning.eval.metrics import longbench_score, qa_f1
 from mplus_lightning.evaluate import main
-from tests.test_eval_fixtures import make_env, one_thread, write_event_qa, write_longbench, write_longbook
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+from tests.test_eval_fixtures import make_env, write_event_qa, write_longbench, write_longbook
+from tests.test_eval_fixtures import one_thread_per_test  # noqa: F401  (autouse: one torch thread per test)
 
 
 @pytest.fixture(scope="module")

@@ -13,15 +13,10 @@ from mplus_lightning.eval import retention
 from mplus_lightning.eval.io import ResultStore
 from mplus_lightning.eval.metrics import exact_hit, qa_f1
 from mplus_lightning.evaluate import main
-from tests.test_eval_fixtures import make_env, one_thread, squad_json, write_squad
+from tests.test_eval_fixtures import make_env, squad_json, write_squad
+from tests.test_eval_fixtures import one_thread_per_test  # noqa: F401  (autouse: one torch thread per test)
 
 TINY = ["--no-progress", "distances=[0,64,128]", "distractor_tokens=32", "distractor_min_tokens=32"]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
 
 
 @pytest.fixture(scope="module")

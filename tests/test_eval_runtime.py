@@ -6,13 +6,8 @@ from transformers import LlamaForCausalLM
 
 from mplus_lightning.eval import runtime
 from mplus_lightning.eval.runtime import (Backbone, inject, item_generator, memory_view, start_memory)
-from tests.test_eval_fixtures import make_model, one_thread
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with one_thread():
-        yield
+from tests.test_eval_fixtures import make_model
+from tests.test_eval_fixtures import one_thread_per_test  # noqa: F401  (autouse: one torch thread per test)
 
 
 def ids(n, seed):

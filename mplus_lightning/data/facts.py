@@ -40,7 +40,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .sample import Sample
-from .stream import ListStream, TokenizedDataModule, collate_single
+from .stream import TokenizedDataModule, collate_single
 from .tokenizer import encode
 
 FIRST_NAMES = (
@@ -481,7 +481,8 @@ class FactsDataModule(TokenizedDataModule):
     def in_context(self) -> bool:
         return self.layout == "in_context"
 
-    def _loader(self, dataset) -> DataLoader:
+    def make_loader(self, dataset) -> DataLoader:
+        """Training and validation alike: one sample a step (memory layout) or padded batches (in_context)."""
         if self.in_context:
             pad = self.encoder.eos if self.encoder.eos is not None else 0
             return DataLoader(dataset, batch_size=self.batch_size, collate_fn=InContextCollate(pad))
@@ -489,7 +490,7 @@ class FactsDataModule(TokenizedDataModule):
 
     def train_dataloader(self) -> DataLoader:
         # Built at every iter() from samples_consumed, so a resumed run (or Lightning's next epoch) continues.
-        return self._loader(self.build_train_dataset())
+        return self.make_loader(self.build_train_dataset())
 
     def val_samples(self) -> list[FactSample]:
         people = self.corpus.val
@@ -501,16 +502,6 @@ class FactsDataModule(TokenizedDataModule):
         # accuracy), in the evaluation's prompt format.
         return [make_fact_sample(people, rng, self.encoder, num_facts=n, ask="first", eos_in_loss=False,
                                  doc_id=f"facts-val:{i}", source="facts-val", position=i) for i in range(self.num_val)]
-
-    def val_dataloader(self) -> DataLoader | list:
-        if self._val is None:
-            self._val = self.val_samples()
-        if not self._val:
-            return []
-        rank, world = self.rank_and_world()
-        per = len(self._val) // world
-        mine = self._val[rank * per:(rank + 1) * per]
-        return self._loader(ListStream(mine))
 
     def fingerprint(self) -> list[list[Any]]:
         return [["facts", len(self.corpus.train), 1.0]]

@@ -553,7 +553,11 @@ class SampleDataModule(pl.LightningDataModule):
             raise ValueError(f"{len(self._val)} validation samples cannot be split over {world} ranks")
         # Equal shares keep the ranks' collectives in step; the remainder (< world samples) is left out.
         mine = self._val[rank * per:(rank + 1) * per]
-        return DataLoader(ListStream(mine), batch_size=1, collate_fn=collate_single)
+        return self.make_loader(ListStream(mine))
+
+    def make_loader(self, dataset: IterableDataset) -> DataLoader:
+        """How samples are batched for a step: one Sample (the memory stages); subclasses may batch."""
+        return DataLoader(dataset, batch_size=1, collate_fn=collate_single)
 
     def fingerprint(self) -> list[list[Any]]:
         """What the data position refers to: (name, documents, weight) per source."""

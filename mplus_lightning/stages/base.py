@@ -122,6 +122,23 @@ class TrainingRecipe:
         """The model's config travels in the checkpoint, so `python -m mplus_lightning.export` needs nothing else."""
         checkpoint["mplus_config"] = self.model.config.to_dict()
 
+    def count_samples(self, n: int) -> None:
+        """Advance the data position (saved in checkpoints) in the training step, not in on_train_batch_end:
+        ModelCheckpoint saves in its own on_train_batch_end, which Lightning calls before the module's."""
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is not None and hasattr(dm, "samples_consumed"):
+            dm.samples_consumed += n
+
+    def _start_clock(self) -> None:
+        if getattr(self, "_t0", None) is None:
+            self._t0 = time.perf_counter()
+
+    def _lap(self) -> float:
+        """Seconds since the previous step ended (for train/tokens_per_s)."""
+        now = time.perf_counter()
+        elapsed, self._t0 = now - self._t0, now
+        return elapsed
+
     def _agree_max(self, value: int) -> int:
         """The largest `value` over all ranks (1 process: `value`)."""
         if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
@@ -159,7 +176,6 @@ class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
         self.rng = random.Random(cfg.trainer.seed)        # step decisions: the same on every rank (see run_step)
         self.rank_rng = random.Random(cfg.trainer.seed)   # per-rank draws that trigger no collective
         self.evict_gen = torch.Generator().manual_seed(cfg.trainer.seed)
-        self._t0 = None
 
     # ---- memory lifecycle ------------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -335,13 +351,11 @@ class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
 
     # ---- Lightning hooks ------------------------------------------------------------------------------------
     def training_step(self, sample, batch_idx):
-        if self._t0 is None:
-            self._t0 = time.perf_counter()
+        self._start_clock()
         result = self.run_step(sample)
         self.stop_if_not_finite(result.loss, f"{result.kind} step, document {getattr(sample, 'doc_id', '?')}")
-        self._count_sample()
-        elapsed = time.perf_counter() - self._t0
-        self._t0 = time.perf_counter()
+        self.count_samples(1)
+        elapsed = self._lap()
         log = dict(on_step=True, on_epoch=False, batch_size=1)
         self.log("train/loss", result.loss, prog_bar=True, **log)
         self.log("train/lm_loss", result.lm_loss, **log)
@@ -353,12 +367,6 @@ class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
             self.log("ltm/size", float(len(self.memory.ltm)), **log)
         return result.loss
 
-    def _count_sample(self) -> None:
-        """Advance the data position (saved in checkpoints) here, not in on_train_batch_end: ModelCheckpoint saves
-        in its own on_train_batch_end, which Lightning calls before the module's."""
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is not None and hasattr(dm, "samples_consumed"):
-            dm.samples_consumed += 1
 
     def validation_step(self, sample, batch_idx):
         """Held-out LM loss and next-token accuracy of the target after injecting its contexts into a *copy* of the

@@ -10,8 +10,6 @@ fresh pool.
 
 from __future__ import annotations
 
-import time
-
 import lightning as L
 
 from ..config import RunConfig
@@ -32,18 +30,14 @@ class PretrainModule(TrainingRecipe, L.LightningModule):
         self.model: MPlus = build_model(cfg)
         self.model.train_backbone_only()
         self.memory = None   # nothing to export beside the weights
-        self._t0: float | None = None
 
     def training_step(self, batch, batch_idx):
-        if self._t0 is None:
-            self._t0 = time.perf_counter()
+        self._start_clock()
         ids, mask = batch["input_ids"], batch["loss_mask"]
         loss, count, hits = self.model("plain_lm_loss", ids, mask)
         self.stop_if_not_finite(loss, f"pretrain batch of {ids.shape[0]} sequences")
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if dm is not None and hasattr(dm, "samples_consumed"):
-            dm.samples_consumed += ids.shape[0]   # the data position saved in checkpoints (exact resume)
-        elapsed, self._t0 = time.perf_counter() - self._t0, time.perf_counter()
+        self.count_samples(ids.shape[0])
+        elapsed = self._lap()
         log = dict(on_step=True, on_epoch=False, batch_size=ids.shape[0])
         self.log("train/loss", loss, prog_bar=True, **log)
         self.log("train/lm_loss", loss, **log)
