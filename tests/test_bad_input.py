@@ -105,3 +105,13 @@ def test_memory_snapshot_mismatch_on_export(tmp_path, tiny_model):
     with pytest.raises(ValueError, match="belongs to another model"):
         tiny_model.save_pretrained(tmp_path / "x", memory=other)
     assert MemoryState  # imported for the public API
+
+
+def test_an_unsupported_transformers_is_named_with_the_fix():
+    from mplus_lightning.model.mplus import _check_transformers
+
+    _check_transformers("5.24.0")
+    _check_transformers("5.31.2")
+    for version in ("5.17.0", "6.0.0"):
+        with pytest.raises(ImportError, match=r"transformers>=5.24,<6 \(found " + version.replace(".", r"\.")):
+            _check_transformers(version)

@@ -139,6 +139,22 @@ def test_the_training_step_uses_the_mask(corpus_dir):
     assert torch.equal(mask[0], s.target_mask) and torch.equal(ids[0], s.target)
 
 
+def test_the_repeat_target_is_built_on_the_batch_device(corpus_dir):
+    # On a GPU the chunks arrive on cuda; the "meta" device stands in for it here (a CPU tensor mixed in fails,
+    # as it did on an H100: torch.cat of the CPU instruction ids with cuda chunks).
+    from mplus_lightning.stages.base import MemoryTrainingModule
+
+    cfg = C.load(ROOT / "experiments" / "demo_stage1.yaml",
+                 [f"data.params.corpus={corpus_dir}", f"data.params.tokenizer={corpus_dir / 'tokenizer'}"])
+    dm = F.FactsDataModule(**cfg.data.params)
+    s = dm.build_train_dataset(rank=0, world_size=1, skip=0).sample(0)
+    s.repeat = True
+    module = type("M", (), {"cfg": cfg, "device": "meta", "instruction_ids": [5, 6]})()
+    ids, mask = MemoryTrainingModule._target(module, s, [c.to("meta") for c in s.contexts])
+    assert ids.device.type == "meta" and ids.shape[1] == 2 + sum(len(c) for c in s.contexts)
+    assert mask.device.type == "meta"
+
+
 def test_bad_parameters_are_named(corpus_dir):
     with pytest.raises(ValueError, match="ask"):
         F.FactsDataModule(str(corpus_dir), str(corpus_dir / "tokenizer"), ask="middle")

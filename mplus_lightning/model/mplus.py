@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 from torch import nn
 from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, rotate_half
@@ -26,6 +27,19 @@ from .adapters import READ, WRITE, activate, add_lora_adapters, lora_modules
 from .configuration import MPlusConfig
 from .memory import LongTermMemory, MemoryState
 from .retriever import Retriever, mean_sigmoid_scores, select_oldest_first
+
+
+def _check_transformers(version: str) -> None:
+    """The decoder layer below calls into transformers' Llama attention, whose internals change between minor
+    releases: on 5.17 (an H100 image's) the memory prefix never reached attention and SDPA failed on a mask of the
+    wrong length. Fail at import with the fix instead."""
+    major, minor = (int(x) for x in version.split(".")[:2])
+    if (major, minor) < (5, 24) or major >= 6:
+        raise ImportError(f"mplus_lightning needs transformers>=5.24,<6 (found {version}): "
+                          "pip install 'transformers>=5.24,<6'")
+
+
+_check_transformers(transformers.__version__)
 
 MIN_CHUNK_TOKENS = 16  # the official README's "hard minimum"; shorter chunks disturb the memory
 

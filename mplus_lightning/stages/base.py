@@ -243,7 +243,8 @@ class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
         instruction and `mask_extra_tokens` more positions masked (built from ids: no decode/re-tokenize)."""
         S = self.cfg.step.max_seq_length
         if sample.repeat:
-            instr = torch.tensor(self.instruction_ids, dtype=torch.long)
+            # on the chunks' device: the batch was already moved to the GPU (this was a CPU tensor: a crash on cuda)
+            instr = torch.tensor(self.instruction_ids, dtype=torch.long, device=chunks[0].device)
             body = torch.cat(chunks)[: S - len(instr)]
             ids = torch.cat([instr, body])
             mask = torch.ones_like(ids, dtype=torch.bool)
