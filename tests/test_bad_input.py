@@ -1,5 +1,6 @@
 """Bad input gets an error that names the problem (and the fix), never a crash deep in torch."""
 import json
+import warnings
 import shutil
 
 import pytest
@@ -24,8 +25,11 @@ def test_empty_chunk(model_and_memory):
 
 
 def test_short_chunk_warns(model_and_memory):
-    model, mem = model_and_memory
-    with pytest.warns(UserWarning, match="< 16"):
+    model, mem = model_and_memory        # K=8: below 8 tokens old rows are re-processed (16 for the official K=256)
+    with pytest.warns(UserWarning, match="< 8"):
+        model.inject(mem, random_ids(5))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         model.inject(mem, random_ids(10))
 
 
