@@ -78,8 +78,8 @@ def prepare_data(data_dir: Path, seed: int = 0) -> dict[str, Path]:
     paths["tokenizer"] = tok_dir
     log(f"  {len(corpus.train)} training people, {len(corpus.val)} validation people, {len(corpus.heldout)} held-out "
         f"people (disjoint name pairs); tokenizer of {len(tok)} tokens")
-    log(f"  e.g. {corpus.heldout[0].fact()!r} -> {corpus.heldout[0].question('city')!r} "
-        f"{corpus.heldout[0].city!r}")
+    log(f"  e.g. {corpus.heldout[0].fact()!r} -> {corpus.heldout[0].question()!r} "
+        f"{corpus.heldout[0].record()!r}")
     return paths
 
 
@@ -154,16 +154,15 @@ def newest_fact_answers(items_file: Path, data_dir: Path) -> dict[str, dict[int,
     texts = json.loads((data_dir / facts_lib.RETENTION_DIR / "unrelated_contexts_from_train.json").read_text())
     distractors = [by_text.get(t) for t in texts]
 
-    def attribute(question: str) -> str | None:
-        for a, template in facts_lib.QUESTIONS.items():
-            head, tail = template.split("{name}")
-            if question.startswith(head) and question.endswith(tail):
-                return a
-        return None
+    kinds = {"city": set(facts_lib.CITIES), "year": set(facts_lib.YEARS), "employer": set(facts_lib.EMPLOYERS)}
+
+    def attribute(answer: str) -> str | None:
+        """Which attribute was asked: the kind of the gold answer (the question is the same for all three)."""
+        return next((a for a, values in kinds.items() if answer in values), None)
 
     counts: dict[str, dict[int, list[int]]] = {}
     for _, rec in iter_jsonl(items_file):
-        a = attribute(rec.get("question", ""))
+        a = attribute(rec.get("answer", ""))
         if rec.get("kind") not in ("mplus", "memoryllm") or a is None:
             continue
         for point in rec["points"]:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from mplus_lightning import config as C
 from mplus_lightning.data import facts as F
@@ -50,11 +51,19 @@ def test_every_answer_is_in_its_fact(corpus_dir):
     items = json.loads((corpus_dir / "retention" / "val_data.json").read_text())
     assert len(items) == len(corpus.heldout)
     assert all(it["answer"] in it["context"] for it in items)
-    assert {it["question"].split()[0] for it in items} == {"Where", "In", "Who"}   # the attributes cycle
+    assert all(it["question"] == f"Recall: {p.name}" for it, p in zip(items, corpus.heldout))
+    # the asked attribute cycles city, year, employer
+    assert [it["answer"] for it in items[:3]] == [corpus.heldout[0].city, corpus.heldout[1].year,
+                                                  corpus.heldout[2].employer]
+    # the record follows the name in the fact: the answer is what comes after the question's last token
+    for p in corpus.heldout:
+        assert p.fact() == f"Fact: {p.name} {p.record()}."
 
 
 def test_the_evaluation_reads_the_generated_layout(corpus_dir):
-    rset = load_retention_set(corpus_dir / "retention", dataset="processed", index="none", num_items=None)
+    template = OmegaConf.load(ROOT / "experiments" / "demo_eval.yaml")["question_template"]
+    rset = load_retention_set(corpus_dir / "retention", dataset="processed", index="none", num_items=None,
+                              question_template=template)
     assert rset.name == "processed" and len(rset.items) == 200
     first = F.load_corpus(corpus_dir).heldout[0]
     assert (rset.items[0].context, rset.items[0].answer) == (first.fact(), first.city)
@@ -74,15 +83,15 @@ def test_samples_mask_the_question_and_keep_the_answer(corpus_dir):
         seen_counts.add(len(s.contexts))
         assert isinstance(s, F.FactSample) and s.target_mask.dtype == torch.bool
         assert s.target_mask.shape == s.target.shape
-        assert all(len(c) == 16 for c in s.contexts)        # one fact = one block of K=16 rows
+        assert all(len(c) == 8 for c in s.contexts)         # one fact = one block of K=8 rows
         facts = [tok.decode(c) for c in s.contexts]
         assert all(f in {p.fact() for p in corpus.train} for f in facts)
         # the masked-in tokens are exactly " <answer></s>" for each question; the prompts are masked out
         pieces = tok.decode(s.target[s.target_mask]).split("</s>")[:-1]
-        assert len(pieces) == min(2, 3 * len(s.contexts))
+        assert len(pieces) == min(2, len(s.contexts))          # at most one question per fact
         assert pieces[0] == " " + s.answer
-        assert all(any(p.strip() in f for f in facts) for p in pieces)
-        assert "Question:" in tok.decode(s.target[~s.target_mask]) and not s.target_mask[0]
+        assert all(any(p.strip() + "." in f for f in facts) for p in pieces)
+        assert "Recall:" in tok.decode(s.target[~s.target_mask]) and not s.target_mask[0]
         assert s.target[-1] == tok.eos_token_id and s.target_mask[-1]
     assert seen_counts == {1, 3}
     # deterministic and resumable: sample k does not depend on where the stream started
@@ -139,6 +148,36 @@ def test_the_training_step_uses_the_mask(corpus_dir):
     assert torch.equal(mask[0], s.target_mask) and torch.equal(ids[0], s.target)
 
 
+def test_the_retriever_is_trained_to_find_the_asked_fact(corpus_dir):
+    # The retriever's positives are the rows of the fact the first question asks about, its query that question's
+    # prompt ("Recall: <name>"); repeat samples (about every fact) keep the document labels: every row written.
+    from mplus_lightning.stages.base import OTHER_CHUNK, MemoryTrainingModule
+
+    dm = F.FactsDataModule(str(corpus_dir), str(corpus_dir / "tokenizer"), num_facts=[3], num_questions=2,
+                           repeat_ratio=0.3)
+    stream = dm.build_train_dataset(rank=0, world_size=1, skip=0)
+    labels = MemoryTrainingModule._retrieval_labels
+    seen_repeat = False
+    for k in range(30):
+        s = stream.sample(k)
+        if s.repeat:
+            seen_repeat = True
+            assert labels(None, s, 3, 3, doc=7) == ([7, 7, 7], None)
+            continue
+        person_tokens = dm.tokenizer.decode(s.contexts[s.retrieval_chunk])
+        prompt = dm.tokenizer.decode(s.target[:s.retrieval_query_tokens])
+        assert prompt.startswith("Recall:") and prompt.split("Recall:")[1].strip() in person_tokens
+        assert s.answer in person_tokens
+        docs, query = labels(None, s, 3, 3, doc=7)
+        assert docs == [7 if i == s.retrieval_chunk else OTHER_CHUNK for i in range(3)]
+        assert query == s.retrieval_query_tokens
+        # only the last two facts injected: the asked one may be among them or not
+        docs, query = labels(None, s, 3, 2, doc=7)
+        assert docs == ([7 if i + 1 == s.retrieval_chunk else OTHER_CHUNK for i in range(2)]
+                        if s.retrieval_chunk >= 1 else [7, 7])
+    assert seen_repeat
+
+
 def test_the_repeat_target_is_built_on_the_batch_device(corpus_dir):
     # On a GPU the chunks arrive on cuda; the "meta" device stands in for it here (a CPU tensor mixed in fails,
     # as it did on an H100: torch.cat of the CPU instruction ids with cuda chunks).
@@ -184,7 +223,7 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path, capsys):
     assert (tmp_path / "data" / "retention" / "val_data.json").is_file()
     saved = json.loads((tmp_path / "out" / "demo_summary.json").read_text())
     assert [r["distance"] for r in saved["rows"]] == [0, 16, 64]
-    assert saved["rows"][1]["stm_share"] == pytest.approx(0.75)      # N=64 rows, K=16 per fact
+    assert saved["rows"][1]["stm_share"] == pytest.approx(0.75 ** 2)  # N=32 rows, K=8: 2 facts in 16 tokens
     assert set(saved["targets"]) == {"total_minutes", "distance0", "far"}
     assert set(summary["timings_s"]) == {"data", "pretrain", "stage1", "stage2", "ltm", "eval"}
     for needle in ("distance (tokens)", "MemoryLLM mode", "target:", "retention.png", "[ltm] step", "[pretrain] step"):
@@ -199,11 +238,12 @@ def test_newest_fact_answers_counts_answers_taken_from_the_latest_distractor(cor
     by_text = {p.fact(): p for p in corpus.train}
     first, second = by_text[distractors[0]], by_text[distractors[1]]
     asked = corpus.heldout[0]
-    rec = {"kind": "mplus", "question": asked.question("city"), "answer": asked.city, "points": [
+    # the asked attribute is the gold answer's kind (the question is the same for all three)
+    rec = {"kind": "mplus", "question": asked.question(), "answer": asked.city, "points": [
         {"distance": 0, "injections": 0, "prediction": f" {asked.city}"},
         {"distance": 16, "injections": 1, "prediction": f" {first.city}"},      # the newest fact's city
         {"distance": 32, "injections": 2, "prediction": f" {first.city}"}]}     # not the newest any more
-    other = dict(rec, question=asked.question("year"), points=[
+    other = dict(rec, answer=asked.year, points=[
         {"distance": 16, "injections": 1, "prediction": f" {asked.year}"},
         {"distance": 32, "injections": 2, "prediction": f" {second.year}"}])
     items = tmp_path / "items.jsonl"

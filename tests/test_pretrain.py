@@ -1,4 +1,5 @@
 """Stage `pretrain` (plain Llama, batches of in-context facts) and the facts data's in_context layout."""
+import random
 from pathlib import Path
 
 import pytest
@@ -38,7 +39,7 @@ def test_in_context_batches_hold_facts_then_questions_with_the_loss_on_answers(c
         assert torch.equal(ids[i, :n], torch.cat([*s.contexts, s.target]))
         assert not mask[i, :n_facts].any() and not mask[i, n:].any(), "no loss on the facts or the padding"
         scored = dm.tokenizer.decode(ids[i][mask[i]])
-        assert s.answer in scored and "Question" not in scored
+        assert s.answer in scored and "Recall" not in scored
         assert (ids[i, n:] == dm.tokenizer.eos_token_id).all()
     assert dm.tokenizer.decode(ids[0, :2]).startswith("Fact")
 
@@ -51,6 +52,39 @@ def test_in_context_repeat_samples_copy_the_facts_after_the_instruction(corpus_d
     assert not s.repeat, "the copy is in the sequence already: the memory step must not build another"
     assert torch.equal(ids[-len(facts):], facts) and mask[-len(facts):].all() and not mask[:-len(facts)].any()
     assert dm.tokenizer.decode(ids[len(facts):-len(facts)]).strip() == F.REPEAT_INSTRUCTION
+
+
+def test_induction_samples_repeat_a_segment_and_score_only_its_predictable_part():
+    rng = random.Random(0)
+    for k in range(200):
+        s = F.make_induction_sample(rng, (10, 50), length=64)
+        ids, mask = F.in_context_sequence(s)
+        assert s.contexts == [] and ids.shape == mask.shape == (64,) and ((ids >= 10) & (ids < 50)).all()
+        scored = mask.nonzero().flatten().tolist()
+        assert 7 <= len(scored) <= 31 and scored == list(range(scored[0], scored[-1] + 1))
+        # every scored token is the token that followed an earlier occurrence of its predecessor's segment
+        start = scored[0] - 1                     # first token of the second occurrence (not scored: unpredictable)
+        offsets = [d for d in range(1, start + 1)
+                   if torch.equal(ids[start - d:start - d + len(scored) + 1], ids[start:scored[-1] + 1])]
+        assert offsets, "the scored run is a copy of an earlier segment"
+
+
+def test_induction_warmup_then_a_share_of_induction_samples(corpus_dir):
+    dm = in_context_dm(corpus_dir, induction_warmup=3, induction_ratio=0.25)
+    low, high = dm.content_token_range()
+    assert low > max(dm.tokenizer.all_special_ids) and high == len(dm.tokenizer)
+    stream = dm.build_train_dataset(rank=0, world_size=1, skip=0)
+    sources = [stream.sample(k).source for k in range(400)]
+    assert set(sources[:12]) == {"induction"}, "the first 3 batches of 4"
+    share = sources[12:].count("induction") / len(sources[12:])
+    assert 0.17 < share < 0.33
+    batch = next(iter(dm.train_dataloader()))            # induction samples batch like the facts ones
+    assert batch["input_ids"].shape == (4, F.INDUCTION_LENGTH) and batch["loss_mask"].any(dim=1).all()
+    assert torch.equal(stream.sample(7).target, dm.build_train_dataset(rank=0, world_size=1, skip=7).sample(7).target)
+    with pytest.raises(ValueError, match="in_context"):
+        F.FactsDataModule(str(corpus_dir), str(corpus_dir / "tokenizer"), induction_warmup=5)
+    with pytest.raises(ValueError, match="induction_ratio"):
+        in_context_dm(corpus_dir, induction_ratio=1.5)
 
 
 def test_fresh_attributes_redraw_every_fact_but_keep_training_names(corpus_dir):

@@ -1,15 +1,22 @@
 """Synthetic facts about people: the corpus, the question/answer pairs, and the training DataModule of the CPU demo.
 
 The corpus (`generate_corpus`) is a deterministic function of a seed: people (a first name and a last name drawn
-from fixed lists) each with a birth city, an employer and a birth year, written as one short sentence, e.g.
+from fixed lists) each with a birth city, a birth year and an employer, written as one short record, e.g.
 
-    Fact: Alice Moreno was born in Lisbon in 1987 and now works for Ardent.
+    Fact: Alice Moreno Lisbon 1987 Ardent.
 
-and asked about with one of three questions ("Where was Alice Moreno born?" -> "Lisbon"). People are split into
-three disjoint sets of (first, last) pairs: `train` (the only ones training ever sees), `val` (validation during
-training) and `heldout` (the retention evaluation). A held-out person shares first and last names with training
-people, never the pair, and their attributes are drawn independently: a model can only answer about them by
-reading the fact back from its memory.
+and asked about by name: the prompt "Recall: Alice Moreno" is answered with the record, " Lisbon 1987 Ardent". The
+retention evaluation asks for one attribute per person (city, year, employer in turn) and scores whether the answer
+holds it. Why records: answering is then a lookup a tiny transformer forms within minutes, the induction pattern
+("find the name earlier in the memory, continue with what followed it"). With the facts as sentences and questions
+like "Where was Alice Moreno born? Answer:", the answer sits tokens away from the name and the demo's 2-layer
+model never learned the lookup on CPU (nor in 6,000 steps on a GPU): it answered with a fact of the right kind
+chosen at random (README, "What `make demo` does").
+
+People are split into three disjoint sets of (first, last) pairs: `train` (the only ones training ever sees), `val`
+(validation during training) and `heldout` (the retention evaluation). A held-out person shares first and last
+names with training people, never the pair, and their attributes are drawn independently: a model can only answer
+about them by reading the fact back from its memory.
 
 `write_corpus` lays the corpus out on disk (`data/generated/demo/` by default, git-ignored):
 
@@ -20,8 +27,8 @@ reading the fact back from its memory.
     tokenizer_texts.txt                        what the demo's tokenizer is trained on
 
 `FactsDataModule` (config `data.kind: facts`) turns the training people into samples: the contexts are one to a few
-fact chunks (one fact per chunk), the target is "Question: <question> Answer: <answer></s>" about one of them, with
-`target_mask` False on the question so that the loss falls on the answer only (which is only recoverable from
+fact chunks (one fact per chunk), the target is "Recall: <name> <record></s>" about one or more of them, with
+`target_mask` False on the prompt so that the loss falls on the record only (which is only recoverable from
 memory). The stream is endless and deterministic (sample k of rank r depends only on the seed, r and k), so a
 resumed run continues exactly (`samples_consumed`).
 """
@@ -69,17 +76,17 @@ EMPLOYERS = (
 YEARS = tuple(str(y) for y in range(1950, 2000))
 
 ATTRIBUTES = ("city", "year", "employer")
-FACT_TEMPLATE = "Fact: {name} was born in {city} in {year} and now works for {employer}."
-"""One fact per person. "Fact:" in front keeps the name tokens the same as in the questions (" Alice")."""
-QUESTIONS = {
-    "city": "Where was {name} born?",
-    "year": "In which year was {name} born?",
-    "employer": "Who does {name} work for?",
-}
+FACT_TEMPLATE = "Fact: {name} {city} {year} {employer}."
+"""One fact per person, 8 tokens (every word is one token of the demo's tokenizer): one memory block of K=8 rows.
+"Fact:" in front keeps the name tokens the same as in the question (" Alice")."""
+QUESTION = "Recall: {name}"
+"""The question about a person, whichever attribute is asked: it ends on the name, so the next token is the one that
+followed the name in the fact."""
 CONTEXT_TEMPLATE = "{context}"
-QUESTION_TEMPLATE = "Question: {question} Answer:"
-"""The retention evaluation's prompt for the "processed" layout (data/retention.py TEMPLATES); training targets use
-exactly this prompt followed by " <answer></s>"."""
+QUESTION_TEMPLATE = "{question}"
+"""The demo evaluation's prompt (experiments/demo_eval.yaml `question_template`; the "processed" layout's default,
+"Question: {question} Answer:", would put the answer tokens away from the name); training targets use exactly
+this prompt followed by " <record></s>"."""
 REPEAT_INSTRUCTION = "Repeat:"
 """The repeat task's instruction (the memory stages' data.instruction default; the in_context layout's repeat)."""
 
@@ -122,12 +129,16 @@ class Person:
     def answer(self, attribute: str) -> str:
         return getattr(self, attribute)
 
-    def question(self, attribute: str) -> str:
-        return QUESTIONS[attribute].format(name=self.name)
+    def question(self) -> str:
+        return QUESTION.format(name=self.name)
+
+    def record(self) -> str:
+        """What the question is answered with: the fact after the name."""
+        return " ".join(self.answer(a) for a in ATTRIBUTES)
 
     def qa_pairs(self) -> list[tuple[str, str, str]]:
-        """(attribute, question, answer) for every attribute."""
-        return [(a, self.question(a), self.answer(a)) for a in ATTRIBUTES]
+        """(attribute, question, answer) for every attribute (one question: the record holds every answer)."""
+        return [(a, self.question(), self.answer(a)) for a in ATTRIBUTES]
 
 
 @dataclass
@@ -143,7 +154,7 @@ class FactCorpus:
         return getattr(self, name)
 
     def to_json(self) -> dict[str, Any]:
-        return {"seed": self.seed, "template": FACT_TEMPLATE, "questions": QUESTIONS,
+        return {"seed": self.seed, "template": FACT_TEMPLATE, "question": QUESTION,
                 **{s: [{**asdict(p), "name": p.name, "fact": p.fact(),
                         "qa": [{"attribute": a, "question": q, "answer": ans} for a, q, ans in p.qa_pairs()]}
                        for p in self.split(s)] for s in SPLITS}}
@@ -187,7 +198,7 @@ def with_fresh_attributes(person: Person, rng: random.Random) -> Person:
 
 def retention_items(people: Sequence[Person]) -> list[dict[str, str]]:
     """One (context, question, answer) item per person, the asked attribute cycling city, year, employer."""
-    return [{"context": p.fact(), "question": p.question(a), "answer": p.answer(a)}
+    return [{"context": p.fact(), "question": p.question(), "answer": p.answer(a)}
             for p, a in zip(people, itertools.cycle(ATTRIBUTES))]
 
 
@@ -205,8 +216,7 @@ def tokenizer_texts(corpus: FactCorpus) -> list[str]:
     for s in SPLITS:
         for p in corpus.split(s):
             texts.append(p.fact())
-            for _, q, a in p.qa_pairs():
-                texts.append(QUESTION_TEMPLATE.format(question=q) + " " + a)
+            texts.append(QUESTION_TEMPLATE.format(question=p.question()) + " " + p.record())
     return texts
 
 
@@ -243,17 +253,24 @@ class FactSample(Sample):
     """1-D bool, same length as `target`: False = no loss on that token (the question part)."""
     answer: str = ""
     """The answer string (for inspection; training uses the ids)."""
+    retrieval_chunk: int | None = None
+    """Index into `contexts` of the fact the first question asks about: the rows the retriever should find (its
+    labels; without it, every row the sample wrote, as for documents)..."""
+    retrieval_query_tokens: int | None = None
+    """...for a query of the first question's prompt ("Recall: <name>": this many leading target tokens)."""
 
     def to(self, device: torch.device | str) -> "FactSample":
         """A copy on `device` that keeps the mask (Lightning moves batches with `.to`)."""
         return FactSample([c.to(device) for c in self.contexts], self.target.to(device), self.repeat, self.doc_id,
                           self.source, self.position, self.epoch,
-                          None if self.target_mask is None else self.target_mask.to(device), self.answer)
+                          None if self.target_mask is None else self.target_mask.to(device), self.answer,
+                          self.retrieval_chunk, self.retrieval_query_tokens)
 
     def pin_memory(self) -> "FactSample":
         return FactSample([c.pin_memory() for c in self.contexts], self.target.pin_memory(), self.repeat,
                           self.doc_id, self.source, self.position, self.epoch,
-                          None if self.target_mask is None else self.target_mask.pin_memory(), self.answer)
+                          None if self.target_mask is None else self.target_mask.pin_memory(), self.answer,
+                          self.retrieval_chunk, self.retrieval_query_tokens)
 
 
 class FactEncoder:
@@ -300,11 +317,10 @@ def make_fact_sample(people: Sequence[Person], rng: random.Random, enc: FactEnco
     """`num_facts` distinct people as context chunks (one fact each) and questions about them as the target.
 
     ask: which fact the first question is about: uniform (any injected fact), first (the oldest one: the longest
-    distance in the sample) or last. Further questions (`num_questions` in all) follow in the same target, each
-    "Question: ... Answer: <answer></s>", about the other injected facts first, then about the same facts' other
-    attributes (at most every attribute of every fact once): more answer tokens per training step, each
-    recoverable only from memory. `eos_in_loss`: also predict the EOS after each answer (training; validation
-    scores the answer tokens alone).
+    distance in the sample) or last. Further questions (`num_questions` in all, at most one per fact) ask about the
+    other facts in random order, each "Recall: <name> <record></s>": more answer tokens per training step, each
+    recoverable only from memory. `eos_in_loss`: also predict the EOS after each record (training; validation scores
+    the record alone).
     """
     if num_questions < 1:
         raise ValueError(f"num_questions must be >= 1, got {num_questions}")
@@ -319,23 +335,39 @@ def make_fact_sample(people: Sequence[Person], rng: random.Random, enc: FactEnco
         raise ValueError(f"ask must be uniform, first or last, got {ask!r}")
     others = [j for j in range(num_facts) if j != first]
     rng.shuffle(others)
-    order = [first] + others
-    asked: list[tuple[int, str]] = []
-    for q in range(min(num_questions, num_facts * len(ATTRIBUTES))):   # never the same question twice
-        j = order[q % num_facts]
-        used = {a for i, a in asked if i == j}
-        attribute = rng.choice([a for a in ATTRIBUTES if a not in used])
-        asked.append((j, attribute))
+    asked = ([first] + others)[:num_questions]
     ids, masks = [], []
-    for j, attribute in asked:
+    for j in asked:
         person = people[chosen[j]]
-        t, m = enc.target(person.question(attribute), person.answer(attribute), eos_in_loss=eos_in_loss)
+        t, m = enc.target(person.question(), person.record(), eos_in_loss=eos_in_loss)
         ids.append(t)
         masks.append(m)
-    j, attribute = asked[0]
     return FactSample(contexts=[enc.context(people[i]) for i in chosen], target=torch.cat(ids), doc_id=doc_id,
                       source=source, position=position, target_mask=torch.cat(masks),
-                      answer=people[chosen[j]].answer(attribute))
+                      answer=people[chosen[asked[0]]].record(), retrieval_chunk=asked[0],
+                      retrieval_query_tokens=int(masks[0].int().argmax()))   # up to its first scored token
+
+
+INDUCTION_LENGTH = 96
+"""Tokens per induction sample (about the length of an in-context facts sample)."""
+
+
+def make_induction_sample(rng: random.Random, token_range: tuple[int, int], *, length: int = INDUCTION_LENGTH,
+                          doc_id: str = "", position: int = -1) -> FactSample:
+    """Random tokens in which a random segment (8-40 tokens) occurs a second time, at a random later offset; the loss
+    is on the second occurrence after its first token. Only an induction head predicts it (find the current token
+    earlier, copy what followed): the circuit that answering "Recall: <name>" needs. It forms on this task within
+    ~800 steps of the demo's model, and did not form from the facts alone (module docstring)."""
+    low, high = token_range
+    seg_len = rng.randint(8, min(40, length // 2))
+    ids = [rng.randrange(low, high) for _ in range(length)]
+    src = rng.randint(0, length - 2 * seg_len)
+    dst = rng.randint(src + seg_len, length - seg_len)
+    ids[dst:dst + seg_len] = ids[src:src + seg_len]
+    mask = torch.zeros(length, dtype=torch.bool)
+    mask[dst + 1:dst + seg_len] = True
+    return FactSample(contexts=[], target=torch.tensor(ids, dtype=torch.long), doc_id=doc_id, source="induction",
+                      position=position, target_mask=mask)
 
 
 class FactStream(IterableDataset):
@@ -344,15 +376,20 @@ class FactStream(IterableDataset):
     def __init__(self, people: Sequence[Person], enc: FactEncoder, *, seed: int, rank: int, skip: int,
                  num_facts: Sequence[int], num_facts_weights: Sequence[float] | None, ask: str,
                  num_questions: int = 1, repeat_ratio: float = 0.0, fresh_attributes: bool = False,
-                 in_context: bool = False):
+                 in_context: bool = False, induction_warmup: int = 0, induction_ratio: float = 0.0,
+                 token_range: tuple[int, int] | None = None):
         super().__init__()
         self.people, self.enc, self.seed, self.rank, self.skip = list(people), enc, seed, rank, skip
         self.num_facts, self.weights, self.ask = list(num_facts), num_facts_weights, ask
         self.num_questions, self.repeat_ratio, self.fresh_attributes = num_questions, repeat_ratio, fresh_attributes
         self.in_context = in_context
+        self.induction_warmup, self.induction_ratio, self.token_range = induction_warmup, induction_ratio, token_range
 
     def sample(self, k: int) -> FactSample:
         rng = random.Random(f"{self.seed}:facts:{self.rank}:{k}")
+        if self.induction_warmup or self.induction_ratio:
+            if k < self.induction_warmup or rng.random() < self.induction_ratio:
+                return make_induction_sample(rng, self.token_range, doc_id=f"induction:{self.rank}:{k}", position=k)
         n = rng.choices(self.num_facts, weights=self.weights)[0]
         people = self.people
         if self.fresh_attributes:
@@ -364,6 +401,7 @@ class FactStream(IterableDataset):
                 sample.target, sample.target_mask = self.enc.repeat_target(sample.contexts)
             else:
                 sample.repeat = True
+            sample.retrieval_chunk = sample.retrieval_query_tokens = None   # the copy is about every fact
         return sample
 
     def __iter__(self) -> Iterator[FactSample]:
@@ -374,7 +412,7 @@ class FactStream(IterableDataset):
 def in_context_sequence(sample: FactSample) -> tuple[torch.Tensor, torch.Tensor]:
     """A sample laid out for the plain Llama: its facts, then its target (the questions, or for a repeat sample
     the instruction and the facts again); the loss where the target's mask says."""
-    facts = torch.cat(sample.contexts)
+    facts = torch.cat(sample.contexts) if sample.contexts else sample.target[:0]   # induction samples have none
     ids = torch.cat([facts, sample.target])
     mask = torch.cat([torch.zeros(len(facts), dtype=torch.bool), sample.target_mask.bool()])
     return ids, mask
@@ -415,6 +453,9 @@ class FactsDataModule(TokenizedDataModule):
         layout: `memory` (one sample per step: facts are injected, the questions read the memory; stages 1-3) or
             `in_context` (batches of facts followed by their questions, for the plain Llama of stage `pretrain`).
         batch_size: samples per batch of the in_context layout (the memory layout is one sample per step).
+        induction_warmup: in_context layout: the first this many batches are induction samples
+            (`make_induction_sample`: random tokens with a repeated segment), which form the lookup circuit...
+        induction_ratio: ...and this share of later samples too, so that it stays.
         seed: data seed; vocab_size: the model's (the tokenizer is checked against it).
     """
 
@@ -423,7 +464,8 @@ class FactsDataModule(TokenizedDataModule):
     def __init__(self, corpus: str, tokenizer: str | Any, *, num_facts: Sequence[int] = (1, 2, 3, 4),
                  num_facts_weights: Sequence[float] | None = None, ask: str = "uniform", num_questions: int = 1,
                  repeat_ratio: float = 0.0, val_samples: int = 16, val_num_facts: int = 2,
-                 fresh_attributes: bool = False, layout: str = "memory", batch_size: int = 1, seed: int = 0,
+                 fresh_attributes: bool = False, layout: str = "memory", batch_size: int = 1,
+                 induction_warmup: int = 0, induction_ratio: float = 0.0, seed: int = 0,
                  vocab_size: int | None = None):
         super().__init__(tokenizer, seed=seed, vocab_size=vocab_size)
         if layout not in self.LAYOUTS:
@@ -434,6 +476,13 @@ class FactsDataModule(TokenizedDataModule):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.layout, self.batch_size, self.fresh_attributes = layout, batch_size, fresh_attributes
+        if (induction_warmup or induction_ratio) and layout != "in_context":
+            raise ValueError("induction_warmup / induction_ratio are for layout=in_context (stage pretrain): the "
+                             "memory layout has no sequence to copy within")
+        if induction_warmup < 0 or not 0.0 <= induction_ratio <= 1.0:
+            raise ValueError(f"induction_warmup must be >= 0 (got {induction_warmup}) and induction_ratio in [0, 1] "
+                             f"(got {induction_ratio})")
+        self.induction_warmup, self.induction_ratio = induction_warmup, induction_ratio
         if not num_facts or min(num_facts) < 1:
             raise ValueError(f"num_facts must list counts >= 1, got {list(num_facts)}")
         if num_facts_weights is not None and len(num_facts_weights) != len(num_facts):
@@ -475,7 +524,14 @@ class FactsDataModule(TokenizedDataModule):
                           skip=self.samples_consumed if skip is None else skip, num_facts=self.num_facts,
                           num_facts_weights=self.num_facts_weights, ask=self.ask,
                           num_questions=self.num_questions, repeat_ratio=self.repeat_ratio,
-                          fresh_attributes=self.fresh_attributes, in_context=self.in_context)
+                          fresh_attributes=self.fresh_attributes, in_context=self.in_context,
+                          induction_warmup=self.induction_warmup * self.batch_size,
+                          induction_ratio=self.induction_ratio, token_range=self.content_token_range())
+
+    def content_token_range(self) -> tuple[int, int]:
+        """[low, high) token ids of the induction task: the tokenizer's vocabulary after its special tokens."""
+        specials = [i for i in self.tokenizer.all_special_ids if i is not None]
+        return (max(specials) + 1 if specials else 0), len(self.tokenizer)
 
     @property
     def in_context(self) -> bool:

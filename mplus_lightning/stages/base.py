@@ -35,6 +35,9 @@ from .build import build_model, initial_memory
 log = logging.getLogger(__name__)
 RANK_STATE_SUFFIX = ".rank{rank}.state"
 RECENT_DOCS = 64
+OTHER_CHUNK = -3
+"""Row stamp of a chunk written by the current sample that its question is not about (-1: never written; -2:
+validation)."""
 
 
 def rank_state_path(ckpt_path: str | Path, rank: int) -> Path:
@@ -51,6 +54,8 @@ class RevisitCache:
     doc: int = -1
     chunks_since: int = 0
     last_step_was_revisit: bool = False
+    query_tokens: int | None = None
+    """The retriever query length of its sample (`_retrieval_labels`), if the data gave one."""
 
 
 @dataclass
@@ -215,10 +220,12 @@ class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
         row_doc.scatter_(1, slots, doc)
         return slots
 
-    def _inject_no_grad(self, chunks: list[torch.Tensor], doc: int, memory=None, row_doc=None) -> None:
-        """Inject chunks one by one without gradient. Ranks with fewer chunks than the most any rank has run the
-        same passes on a stand-in chunk and discard them, so every rank issues the same FSDP collectives."""
+    def _inject_no_grad(self, chunks: list[torch.Tensor], doc: int | list[int], memory=None, row_doc=None) -> None:
+        """Inject chunks one by one without gradient, stamping their rows with `doc` (or one id per chunk). Ranks
+        with fewer chunks than the most any rank has run the same passes on a stand-in chunk and discard them, so
+        every rank issues the same FSDP collectives."""
         memory = memory if memory is not None else self.memory
+        docs = doc if isinstance(doc, list) else [doc] * len(chunks)
         n = self._agree_max(len(chunks))
         for i in range(n):
             real = i < len(chunks)
@@ -226,7 +233,7 @@ class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
             with torch.no_grad():
                 delta = self.model("write", chunk[None].to(self.device), memory.newest_block())
                 if real:
-                    self._commit(delta, doc, memory, row_doc)
+                    self._commit(delta, docs[i], memory, row_doc)
                 elif memory.ltm is not None and memory.initialized:
                     self._keys(delta.new_zeros(delta.shape))  # the commit's key pass
 
@@ -255,13 +262,19 @@ class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
             mask = given[:S].bool() if given is not None else torch.ones_like(ids, dtype=torch.bool)
         return ids[None].to(self.device), mask[None].to(self.device)
 
-    def _probe(self, target_len: int, encoder: bool) -> RetrieverProbe | None:
+    def _probe(self, target_len: int, encoder: bool, query_tokens: int | None = None) -> RetrieverProbe | None:
+        """The retriever's training probe: queries from a prefix of the target (`query_tokens` long when the data
+        says which tokens ask, else a random length per layer, as official, or the whole target)."""
         s = self.cfg.step
         if not s.retriever_loss:
             return None
         L = self.model.config.num_layers
-        lengths = ([self.rank_rng.randint(1, max(1, target_len - 1)) for _ in range(L)] if s.random_retriever_length
-                   else [target_len] * L)
+        if query_tokens:
+            lengths = [min(query_tokens, target_len)] * L
+        elif s.random_retriever_length:
+            lengths = [self.rank_rng.randint(1, max(1, target_len - 1)) for _ in range(L)]
+        else:
+            lengths = [target_len] * L
         enc = None
         if encoder and s.encoder_retriever_loss and self.model.config.add_encoder_retriever:
             enc = torch.argsort(self.memory.ranks, dim=1)[:, -self.memory.num_tokens:]  # newest block, per layer
@@ -304,7 +317,7 @@ class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
         if (cfg.revisit and not c.last_step_was_revisit and c.ids is not None and c.chunks_since > 0
                 and self.rng.random() >= cfg.pass_ratio):
             # Revisit: the document fetched for this step is not used (as official); its target waits in no cache.
-            probe = self._probe(c.ids.shape[1], encoder=False) if multi else None
+            probe = self._probe(c.ids.shape[1], encoder=False, query_tokens=c.query_tokens) if multi else None
             loss, n = model("lm_loss", c.ids, c.mask, model.view(memory), probe=probe)
             r_loss, metrics = self._retriever_losses(probe, self.row_doc == c.doc)
             c.last_step_was_revisit = True
@@ -316,19 +329,20 @@ class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
         ids, mask = self._target(sample, chunks)
         tokens = ids.shape[1] + sum(len(x) for x in chunks)
         metrics: dict[str, Any] = {"num_contexts": n_chunks}
+        docs, query_tokens = self._retrieval_labels(sample, len(contexts), n_chunks, doc)
         if multi:
             if n_chunks == 1 and cfg.single_chunk_gradient:
                 delta = model("write", chunks[0][None].to(self.device), memory.newest_block())
-                slots = self._commit(delta, doc)
+                slots = self._commit(delta, docs[0])
                 # The committed rows, with the new block carrying its gradient back into the write pass.
                 rows = memory.rows.detach().clone()
                 rows.scatter_(1, slots[..., None].expand(-1, -1, rows.shape[2]), delta)
                 view = model.view(memory)
                 view.rows = rows
             else:
-                self._inject_no_grad(chunks, doc)
+                self._inject_no_grad(chunks, docs)
                 view = model.view(memory)
-            probe = self._probe(ids.shape[1], encoder=True)
+            probe = self._probe(ids.shape[1], encoder=True, query_tokens=query_tokens)
             loss, n = model("lm_loss", ids, mask, view, probe=probe)
             r_loss, r_metrics = self._retriever_losses(probe, self.row_doc == doc)
             metrics.update(r_metrics)
@@ -337,15 +351,28 @@ class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
         else:
             delta = model("write", chunks[0][None].to(self.device), memory.newest_block())
             loss, n = model("lm_loss", ids, mask, model.delta_view(delta, WRITE))
-            self._commit(delta, doc)
+            self._commit(delta, docs[0])
             total, kind = loss, "single"
-        self._update_revisit_cache(ids, mask, doc, n_chunks)
+        self._update_revisit_cache(ids, mask, doc, n_chunks, query_tokens)
         return StepResult(total, loss, kind, tokens, metrics)
 
-    def _update_revisit_cache(self, ids, mask, doc, n_chunks) -> None:
+    def _retrieval_labels(self, sample, n_contexts: int, n_chunks: int, doc: int) -> tuple[list[int], int | None]:
+        """Per injected chunk, the id its rows are stamped with (the retriever's positives are the rows stamped
+        `doc`), and the retriever query length. Documents: every chunk is `doc` (the official labels: the rows this
+        document wrote). Facts samples name the chunk their first question asks about (`retrieval_chunk`): only its
+        rows are positives, the other facts' rows are stamped OTHER_CHUNK, and the query is that question's prompt;
+        labels of "every fact this sample wrote" cannot be learnt from a question about one person."""
+        asked = getattr(sample, "retrieval_chunk", None)
+        first = n_contexts - n_chunks                      # the injected chunks are the last n_chunks contexts
+        if asked is None or sample.repeat or not first <= asked < n_contexts:
+            return [doc] * n_chunks, None
+        return ([doc if first + i == asked else OTHER_CHUNK for i in range(n_chunks)],
+                getattr(sample, "retrieval_query_tokens", None))
+
+    def _update_revisit_cache(self, ids, mask, doc, n_chunks, query_tokens: int | None = None) -> None:
         c = self.revisit
         if c.ids is None or (c.last_step_was_revisit and self.rng.random() < self.cfg.step.empty_prob):
-            c.ids, c.mask, c.doc, c.chunks_since = ids.detach(), mask, doc, 0
+            c.ids, c.mask, c.doc, c.chunks_since, c.query_tokens = ids.detach(), mask, doc, 0, query_tokens
         else:
             c.chunks_since += n_chunks  # official bug 9: it skipped this when the cache was kept after a revisit
         c.last_step_was_revisit = False
@@ -390,7 +417,8 @@ class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
             "memory": self.memory.state_dict(), "memory_meta": self.memory.meta(),
             "row_doc": self.row_doc.cpu(), "docs_seen": self.docs_seen, "recent_docs": list(self.recent_docs),
             "revisit": {"ids": None if c.ids is None else c.ids.cpu(), "mask": None if c.mask is None else c.mask.cpu(),
-                        "doc": c.doc, "chunks_since": c.chunks_since, "last": c.last_step_was_revisit},
+                        "doc": c.doc, "chunks_since": c.chunks_since, "last": c.last_step_was_revisit,
+                        "query_tokens": c.query_tokens},
             "rng": self.rng.getstate(), "rank_rng": self.rank_rng.getstate(), "evict_gen": self.evict_gen.get_state(),
             "torch_rng": torch.get_rng_state(), "world_size": self.trainer.world_size,
         }
@@ -435,7 +463,8 @@ class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
         self.revisit = RevisitCache(
             ids=None if r["ids"] is None else r["ids"].to(self.device),
             mask=None if r["mask"] is None else r["mask"].to(self.device),
-            doc=r["doc"], chunks_since=r["chunks_since"], last_step_was_revisit=r["last"])
+            doc=r["doc"], chunks_since=r["chunks_since"], last_step_was_revisit=r["last"],
+            query_tokens=r.get("query_tokens"))
         self.rng.setstate(s["rng"])
         self.rank_rng.setstate(s["rank_rng"])
         self.evict_gen.set_state(s["evict_gen"])
