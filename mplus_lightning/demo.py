@@ -54,7 +54,7 @@ TARGETS = {"distance0": 0.9, "far_mplus": 0.5, "far_memoryllm": 0.2, "far_share"
 QUICK_STAGE = ["trainer.max_steps=4", "trainer.val_every_n_steps=2", "trainer.val_batches=2",
                "trainer.ckpt_every_n_steps=4", "data.params.val_samples=2"]
 QUICK_PRETRAIN = ["data.params.batch_size=2"]
-QUICK_EVAL = ["num_items=3", "distances=[0,16,64]", "max_new_tokens=3"]
+QUICK_EVAL = ["num_items=3", "distances=[0,12,48]", "max_new_tokens=2"]
 
 
 def log(msg: str = "") -> None:
@@ -79,7 +79,7 @@ def prepare_data(data_dir: Path, seed: int = 0) -> dict[str, Path]:
     log(f"  {len(corpus.train)} training people, {len(corpus.val)} validation people, {len(corpus.heldout)} held-out "
         f"people (disjoint name pairs); tokenizer of {len(tok)} tokens")
     log(f"  e.g. {corpus.heldout[0].fact()!r} -> {corpus.heldout[0].question()!r} "
-        f"{corpus.heldout[0].record()!r}")
+        f"{corpus.heldout[0].value!r}")
     return paths
 
 
@@ -147,29 +147,22 @@ def stm_share(injections: int, n_rows: int, k: int) -> float:
 
 
 def newest_fact_answers(items_file: Path, data_dir: Path) -> dict[str, dict[int, float]]:
-    """Per mode and distance (> 0): the share of answers that are the asked attribute of the most recently injected
-    fact (a distractor) rather than of the fact asked about. High values mean the model reads the newest block of
+    """Per mode and distance (> 0): the share of answers that are the answer of the most recently injected fact (a
+    distractor) rather than of the fact asked about. High values mean the model reads the newest block of
     its memory instead of looking the person up by name."""
     by_text = {p.fact(): p for p in facts_lib.load_corpus(data_dir).train}
     texts = json.loads((data_dir / facts_lib.RETENTION_DIR / "unrelated_contexts_from_train.json").read_text())
     distractors = [by_text.get(t) for t in texts]
 
-    kinds = {"city": set(facts_lib.CITIES), "year": set(facts_lib.YEARS), "employer": set(facts_lib.EMPLOYERS)}
-
-    def attribute(answer: str) -> str | None:
-        """Which attribute was asked: the kind of the gold answer (the question is the same for all three)."""
-        return next((a for a, values in kinds.items() if answer in values), None)
-
     counts: dict[str, dict[int, list[int]]] = {}
     for _, rec in iter_jsonl(items_file):
-        a = attribute(rec.get("answer", ""))
-        if rec.get("kind") not in ("mplus", "memoryllm") or a is None:
+        if rec.get("kind") not in ("mplus", "memoryllm"):
             continue
         for point in rec["points"]:
             newest = distractors[point["injections"] - 1] if 0 < point["injections"] <= len(distractors) else None
             if newest is not None:
                 c = counts.setdefault(rec["kind"], {}).setdefault(point["distance"], [0, 0])
-                c[0] += newest.answer(a) in point["prediction"]
+                c[0] += newest.value in point["prediction"]
                 c[1] += 1
     return {m: {d: hit / n for d, (hit, n) in by_d.items()} for m, by_d in counts.items()}
 
@@ -208,7 +201,7 @@ def format_table(summary: dict) -> str:
     head = {"mplus": "M+", "memoryllm": "MemoryLLM mode"}
     newest_head = "newest fact's (" + " / ".join(head[m].split()[0] for m in modes) + ")"
     lines = ["(its rows in STM: expected share (1 - K/N)^t of the asked fact's rows still in the short-term pool after "
-             "t more facts; newest fact's: answers that are the most recently injected fact's attribute instead)",
+             "t more facts; newest fact's: answers that are the most recently injected fact's answer instead)",
              f"{'distance (tokens)':>17}  {'facts injected after':>20}  {'its rows in STM':>15}  "
              + "  ".join(f"{head[m]:>14}" for m in modes) + f"  {newest_head:>28}"]
 

@@ -45,19 +45,18 @@ def test_held_out_people_are_never_training_people(corpus_dir):
 def test_every_answer_is_in_its_fact(corpus_dir):
     corpus = F.load_corpus(corpus_dir)
     for p in corpus.train[:300] + corpus.heldout:
-        for attribute, question, answer in p.qa_pairs():
-            assert answer in p.fact() and p.name in question and p.name in p.fact()
-            assert answer not in question
+        # the answer is what follows the name in the fact: the token after the question's last one
+        assert p.fact() == f"Fact: {p.name} {p.value}." and p.value == p.answer(p.told)
+        assert p.question() == f"Recall: {p.name}" and p.value not in p.question()
     items = json.loads((corpus_dir / "retention" / "val_data.json").read_text())
     assert len(items) == len(corpus.heldout)
     assert all(it["answer"] in it["context"] for it in items)
     assert all(it["question"] == f"Recall: {p.name}" for it, p in zip(items, corpus.heldout))
-    # the asked attribute cycles city, year, employer
+    # the held-out facts tell city, year, employer in turn
+    assert [p.told for p in corpus.heldout[:6]] == list(F.ATTRIBUTES) * 2
     assert [it["answer"] for it in items[:3]] == [corpus.heldout[0].city, corpus.heldout[1].year,
                                                   corpus.heldout[2].employer]
-    # the record follows the name in the fact: the answer is what comes after the question's last token
-    for p in corpus.heldout:
-        assert p.fact() == f"Fact: {p.name} {p.record()}."
+    assert {p.told for p in corpus.train} == set(F.ATTRIBUTES)
 
 
 def test_the_evaluation_reads_the_generated_layout(corpus_dir):
@@ -66,7 +65,7 @@ def test_the_evaluation_reads_the_generated_layout(corpus_dir):
                               question_template=template)
     assert rset.name == "processed" and len(rset.items) == 200
     first = F.load_corpus(corpus_dir).heldout[0]
-    assert (rset.items[0].context, rset.items[0].answer) == (first.fact(), first.city)
+    assert (rset.items[0].context, rset.items[0].answer) == (first.fact(), first.value)
     assert rset.question_template == F.QUESTION_TEMPLATE    # training targets use the evaluation's prompt
     assert next(iter(rset.distractor_texts())) in {p.fact() for p in F.load_corpus(corpus_dir).train}
 
@@ -83,7 +82,7 @@ def test_samples_mask_the_question_and_keep_the_answer(corpus_dir):
         seen_counts.add(len(s.contexts))
         assert isinstance(s, F.FactSample) and s.target_mask.dtype == torch.bool
         assert s.target_mask.shape == s.target.shape
-        assert all(len(c) == 8 for c in s.contexts)         # one fact = one block of K=8 rows
+        assert all(len(c) == 6 for c in s.contexts)         # one fact = one block of K=6 rows
         facts = [tok.decode(c) for c in s.contexts]
         assert all(f in {p.fact() for p in corpus.train} for f in facts)
         # the masked-in tokens are exactly " <answer></s>" for each question; the prompts are masked out
@@ -214,7 +213,7 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path, capsys):
     ret = tmp_path / "out" / "retention"
     results = json.loads((ret / "results.json").read_text())
     assert set(results["modes"]) == {"mplus", "memoryllm"} and results["num_items"] == 3
-    assert results["distances"] == [0, 16, 64]
+    assert results["distances"] == [0, 12, 48]
     assert (ret / "retention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any((ret / "tensorboard").iterdir())
     for stage in ("pretrain", "stage1", "stage2", "ltm"):
@@ -222,8 +221,8 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path, capsys):
         assert any((tmp_path / "out" / "runs" / stage / "tensorboard").iterdir())
     assert (tmp_path / "data" / "retention" / "val_data.json").is_file()
     saved = json.loads((tmp_path / "out" / "demo_summary.json").read_text())
-    assert [r["distance"] for r in saved["rows"]] == [0, 16, 64]
-    assert saved["rows"][1]["stm_share"] == pytest.approx(0.75 ** 2)  # N=32 rows, K=8: 2 facts in 16 tokens
+    assert [r["distance"] for r in saved["rows"]] == [0, 12, 48]
+    assert saved["rows"][1]["stm_share"] == pytest.approx((5 / 6) ** 2)  # N=36 rows, K=6: 2 facts in 12 tokens
     assert set(saved["targets"]) == {"total_minutes", "distance0", "far"}
     assert set(summary["timings_s"]) == {"data", "pretrain", "stage1", "stage2", "ltm", "eval"}
     for needle in ("distance (tokens)", "MemoryLLM mode", "target:", "retention.png", "[ltm] step", "[pretrain] step"):
@@ -238,15 +237,14 @@ def test_newest_fact_answers_counts_answers_taken_from_the_latest_distractor(cor
     by_text = {p.fact(): p for p in corpus.train}
     first, second = by_text[distractors[0]], by_text[distractors[1]]
     asked = corpus.heldout[0]
-    # the asked attribute is the gold answer's kind (the question is the same for all three)
-    rec = {"kind": "mplus", "question": asked.question(), "answer": asked.city, "points": [
-        {"distance": 0, "injections": 0, "prediction": f" {asked.city}"},
-        {"distance": 16, "injections": 1, "prediction": f" {first.city}"},      # the newest fact's city
-        {"distance": 32, "injections": 2, "prediction": f" {first.city}"}]}     # not the newest any more
-    other = dict(rec, answer=asked.year, points=[
-        {"distance": 16, "injections": 1, "prediction": f" {asked.year}"},
-        {"distance": 32, "injections": 2, "prediction": f" {second.year}"}])
+    rec = {"kind": "mplus", "question": asked.question(), "answer": asked.value, "points": [
+        {"distance": 0, "injections": 0, "prediction": f" {asked.value}"},
+        {"distance": 6, "injections": 1, "prediction": f" {first.value}"},      # the newest fact's answer
+        {"distance": 12, "injections": 2, "prediction": f" {first.value}"}]}    # not the newest any more
+    other = dict(rec, points=[
+        {"distance": 6, "injections": 1, "prediction": f" {asked.value}"},
+        {"distance": 12, "injections": 2, "prediction": f" {second.value}"}])
     items = tmp_path / "items.jsonl"
     items.write_text("\n".join(json.dumps(r) for r in (rec, other, {"kind": "borderline", "id": "0"})) + "\n")
     shares = demo.newest_fact_answers(items, corpus_dir)
-    assert shares == {"mplus": {16: 0.5, 32: 0.5 if first.city != second.city else 1.0}}
+    assert shares == {"mplus": {6: 0.5, 12: 0.5 if first.value != second.value else 1.0}}

@@ -1,17 +1,20 @@
 """Synthetic facts about people: the corpus, the question/answer pairs, and the training DataModule of the CPU demo.
 
 The corpus (`generate_corpus`) is a deterministic function of a seed: people (a first name and a last name drawn
-from fixed lists) each with a birth city, a birth year and an employer, written as one short record, e.g.
+from fixed lists) each with a birth city, a birth year and an employer. A fact tells one of them (`Person.told`),
+right after the name, e.g.
 
-    Fact: Alice Moreno Lisbon 1987 Ardent.
+    Fact: Alice Moreno Lisbon.
 
-and asked about by name: the prompt "Recall: Alice Moreno" is answered with the record, " Lisbon 1987 Ardent". The
-retention evaluation asks for one attribute per person (city, year, employer in turn) and scores whether the answer
-holds it. Why records: answering is then a lookup a tiny transformer forms within minutes, the induction pattern
-("find the name earlier in the memory, continue with what followed it"). With the facts as sentences and questions
-like "Where was Alice Moreno born? Answer:", the answer sits tokens away from the name and the demo's 2-layer
-model never learned the lookup on CPU (nor in 6,000 steps on a GPU): it answered with a fact of the right kind
-chosen at random (README, "What `make demo` does").
+and is asked about by name: the prompt "Recall: Alice Moreno" is answered with " Lisbon". The retention evaluation's
+held-out facts tell city, year and employer in turn. Why this shape: answering is then a lookup a tiny transformer
+forms within minutes, the induction pattern ("find the name earlier in the memory, continue with what followed
+it"), and every row a fact writes after its name carries the name, which the retriever can match. Measured on
+the way here: with sentences ("... was born in Lisbon in 1987 ...") and questions like "Where was Alice Moreno
+born? Answer:" the demo's 2-layer model never learned the lookup (CPU sweeps; 6,000 steps on a GPU) and answered
+with a fact of the right kind chosen at random; with three-attribute records ("Alice Moreno Lisbon 1987 Ardent")
+it learned the lookup, but the year and employer rows follow the city, not the name, so the retriever could not
+find them (M+ 25% on cities, 1-5% on the others, far from the fact).
 
 People are split into three disjoint sets of (first, last) pairs: `train` (the only ones training ever sees), `val`
 (validation during training) and `heldout` (the retention evaluation). A held-out person shares first and last
@@ -27,8 +30,8 @@ about them by reading the fact back from its memory.
     tokenizer_texts.txt                        what the demo's tokenizer is trained on
 
 `FactsDataModule` (config `data.kind: facts`) turns the training people into samples: the contexts are one to a few
-fact chunks (one fact per chunk), the target is "Recall: <name> <record></s>" about one or more of them, with
-`target_mask` False on the prompt so that the loss falls on the record only (which is only recoverable from
+fact chunks (one fact per chunk), the target is "Recall: <name> <answer></s>" about one or more of them, with
+`target_mask` False on the prompt so that the loss falls on the answer only (which is only recoverable from
 memory). The stream is endless and deterministic (sample k of rank r depends only on the seed, r and k), so a
 resumed run continues exactly (`samples_consumed`).
 """
@@ -76,8 +79,8 @@ EMPLOYERS = (
 YEARS = tuple(str(y) for y in range(1950, 2000))
 
 ATTRIBUTES = ("city", "year", "employer")
-FACT_TEMPLATE = "Fact: {name} {city} {year} {employer}."
-"""One fact per person, 8 tokens (every word is one token of the demo's tokenizer): one memory block of K=8 rows.
+FACT_TEMPLATE = "Fact: {name} {value}."
+"""One fact per person, 6 tokens (every word is one token of the demo's tokenizer): one memory block of K=6 rows.
 "Fact:" in front keeps the name tokens the same as in the question (" Alice")."""
 QUESTION = "Recall: {name}"
 """The question about a person, whichever attribute is asked: it ends on the name, so the next token is the one that
@@ -86,7 +89,7 @@ CONTEXT_TEMPLATE = "{context}"
 QUESTION_TEMPLATE = "{question}"
 """The demo evaluation's prompt (experiments/demo_eval.yaml `question_template`; the "processed" layout's default,
 "Question: {question} Answer:", would put the answer tokens away from the name); training targets use exactly
-this prompt followed by " <record></s>"."""
+this prompt followed by " <answer></s>"."""
 REPEAT_INSTRUCTION = "Repeat:"
 """The repeat task's instruction (the memory stages' data.instruction default; the in_context layout's repeat)."""
 
@@ -118,27 +121,26 @@ class Person:
     city: str
     year: str
     employer: str
+    told: str = "city"
+    """The attribute its fact tells (and its question asks for)."""
 
     @property
     def name(self) -> str:
         return f"{self.first} {self.last}"
 
     def fact(self) -> str:
-        return FACT_TEMPLATE.format(name=self.name, city=self.city, year=self.year, employer=self.employer)
+        return FACT_TEMPLATE.format(name=self.name, value=self.value)
+
+    @property
+    def value(self) -> str:
+        """The answer to its question: the told attribute."""
+        return self.answer(self.told)
 
     def answer(self, attribute: str) -> str:
         return getattr(self, attribute)
 
     def question(self) -> str:
         return QUESTION.format(name=self.name)
-
-    def record(self) -> str:
-        """What the question is answered with: the fact after the name."""
-        return " ".join(self.answer(a) for a in ATTRIBUTES)
-
-    def qa_pairs(self) -> list[tuple[str, str, str]]:
-        """(attribute, question, answer) for every attribute (one question: the record holds every answer)."""
-        return [(a, self.question(), self.answer(a)) for a in ATTRIBUTES]
 
 
 @dataclass
@@ -155,13 +157,12 @@ class FactCorpus:
 
     def to_json(self) -> dict[str, Any]:
         return {"seed": self.seed, "template": FACT_TEMPLATE, "question": QUESTION,
-                **{s: [{**asdict(p), "name": p.name, "fact": p.fact(),
-                        "qa": [{"attribute": a, "question": q, "answer": ans} for a, q, ans in p.qa_pairs()]}
+                **{s: [{**asdict(p), "name": p.name, "fact": p.fact(), "answer": p.value}
                        for p in self.split(s)] for s in SPLITS}}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "FactCorpus":
-        fields = ("first", "last", "city", "year", "employer")
+        fields = ("first", "last", "city", "year", "employer", "told")
         return cls(seed=int(data["seed"]),
                    **{s: [Person(**{f: str(p[f]) for f in fields}) for p in data[s]] for s in SPLITS})
 
@@ -184,22 +185,27 @@ def generate_corpus(seed: int = 0, *, num_train: int | None = None, num_val: int
             raise ValueError(f"num_train={num_train}: only {len(rest)} name pairs are left for training")
         rest = rest[:num_train]
 
-    def person(first: str, last: str) -> Person:
-        return Person(first, last, rng.choice(CITIES), rng.choice(YEARS), rng.choice(EMPLOYERS))
+    def person(first: str, last: str, told: str) -> Person:
+        return Person(first, last, rng.choice(CITIES), rng.choice(YEARS), rng.choice(EMPLOYERS), told)
 
-    return FactCorpus(seed=seed, train=[person(*p) for p in rest], val=[person(*p) for p in val_pairs],
-                      heldout=[person(*p) for p in heldout_pairs])
+    def people(pairs, told) -> list[Person]:
+        return [person(*p, t) for p, t in zip(pairs, told)]
+
+    # held-out facts tell city, year, employer in turn (the evaluation's items); the others a random attribute
+    return FactCorpus(seed=seed, train=people(rest, (rng.choice(ATTRIBUTES) for _ in rest)),
+                      val=people(val_pairs, (rng.choice(ATTRIBUTES) for _ in val_pairs)),
+                      heldout=people(heldout_pairs, itertools.cycle(ATTRIBUTES)))
 
 
 def with_fresh_attributes(person: Person, rng: random.Random) -> Person:
-    """The same name with newly drawn attributes: a fact no weight can have memorised."""
-    return Person(person.first, person.last, rng.choice(CITIES), rng.choice(YEARS), rng.choice(EMPLOYERS))
+    """The same name with newly drawn attributes (and told attribute): a fact no weight can have memorised."""
+    return Person(person.first, person.last, rng.choice(CITIES), rng.choice(YEARS), rng.choice(EMPLOYERS),
+                  rng.choice(ATTRIBUTES))
 
 
 def retention_items(people: Sequence[Person]) -> list[dict[str, str]]:
-    """One (context, question, answer) item per person, the asked attribute cycling city, year, employer."""
-    return [{"context": p.fact(), "question": p.question(), "answer": p.answer(a)}
-            for p, a in zip(people, itertools.cycle(ATTRIBUTES))]
+    """One (context, question, answer) item per person (held-out people tell city, year, employer in turn)."""
+    return [{"context": p.fact(), "question": p.question(), "answer": p.value} for p in people]
 
 
 def distractor_texts(corpus: FactCorpus, count: int = 400) -> list[str]:
@@ -216,7 +222,7 @@ def tokenizer_texts(corpus: FactCorpus) -> list[str]:
     for s in SPLITS:
         for p in corpus.split(s):
             texts.append(p.fact())
-            texts.append(QUESTION_TEMPLATE.format(question=p.question()) + " " + p.record())
+            texts.append(QUESTION_TEMPLATE.format(question=p.question()) + " " + p.value)
     return texts
 
 
@@ -318,9 +324,9 @@ def make_fact_sample(people: Sequence[Person], rng: random.Random, enc: FactEnco
 
     ask: which fact the first question is about: uniform (any injected fact), first (the oldest one: the longest
     distance in the sample) or last. Further questions (`num_questions` in all, at most one per fact) ask about the
-    other facts in random order, each "Recall: <name> <record></s>": more answer tokens per training step, each
-    recoverable only from memory. `eos_in_loss`: also predict the EOS after each record (training; validation scores
-    the record alone).
+    other facts in random order, each "Recall: <name> <answer></s>": more answer tokens per training step, each
+    recoverable only from memory. `eos_in_loss`: also predict the EOS after each answer (training; validation scores
+    the answer alone).
     """
     if num_questions < 1:
         raise ValueError(f"num_questions must be >= 1, got {num_questions}")
@@ -339,12 +345,12 @@ def make_fact_sample(people: Sequence[Person], rng: random.Random, enc: FactEnco
     ids, masks = [], []
     for j in asked:
         person = people[chosen[j]]
-        t, m = enc.target(person.question(), person.record(), eos_in_loss=eos_in_loss)
+        t, m = enc.target(person.question(), person.value, eos_in_loss=eos_in_loss)
         ids.append(t)
         masks.append(m)
     return FactSample(contexts=[enc.context(people[i]) for i in chosen], target=torch.cat(ids), doc_id=doc_id,
                       source=source, position=position, target_mask=torch.cat(masks),
-                      answer=people[chosen[asked[0]]].record(), retrieval_chunk=asked[0],
+                      answer=people[chosen[asked[0]]].value, retrieval_chunk=asked[0],
                       retrieval_query_tokens=int(masks[0].int().argmax()))   # up to its first scored token
 
 
