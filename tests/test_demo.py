@@ -200,6 +200,10 @@ def test_bad_parameters_are_named(corpus_dir):
         F.FactsDataModule(str(corpus_dir), str(corpus_dir / "tokenizer"), num_facts=[0])
     with pytest.raises(FileNotFoundError, match="facts corpus"):
         F.load_corpus(corpus_dir / "nowhere")
+    old = json.loads((corpus_dir / F.CORPUS_FILE).read_text())
+    old["template"] = "Fact: {name} was born in {city} in {year} and now works for {employer}."
+    with pytest.raises(ValueError, match="regenerate"):                   # a corpus of an earlier version
+        F.FactCorpus.from_json(old)
     with pytest.raises(ValueError, match="num_questions"):
         F.make_fact_sample(F.load_corpus(corpus_dir).train, random.Random(0), None, num_facts=1, num_questions=0)
 

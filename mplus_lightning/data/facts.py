@@ -163,6 +163,10 @@ class FactCorpus:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "FactCorpus":
         fields = ("first", "last", "city", "year", "employer", "told")
+        if data.get("template") != FACT_TEMPLATE:
+            raise ValueError(f"this facts corpus was written with the fact template {data.get('template')!r}, this "
+                             f"version writes {FACT_TEMPLATE!r}: regenerate it (python -m mplus_lightning.demo, "
+                             "or mplus_lightning.data.facts.write_corpus)")
         return cls(seed=int(data["seed"]),
                    **{s: [Person(**{f: str(p[f]) for f in fields}) for p in data[s]] for s in SPLITS})
 
