@@ -271,16 +271,14 @@ class FactSample(Sample):
 
     def to(self, device: torch.device | str) -> "FactSample":
         """A copy on `device` that keeps the mask (Lightning moves batches with `.to`)."""
-        return FactSample([c.to(device) for c in self.contexts], self.target.to(device), self.repeat, self.doc_id,
-                          self.source, self.position, self.epoch,
-                          None if self.target_mask is None else self.target_mask.to(device), self.answer,
-                          self.retrieval_chunk, self.retrieval_query_tokens)
+        out = super().to(device)
+        out.target_mask = None if self.target_mask is None else self.target_mask.to(device)
+        return out
 
     def pin_memory(self) -> "FactSample":
-        return FactSample([c.pin_memory() for c in self.contexts], self.target.pin_memory(), self.repeat,
-                          self.doc_id, self.source, self.position, self.epoch,
-                          None if self.target_mask is None else self.target_mask.pin_memory(), self.answer,
-                          self.retrieval_chunk, self.retrieval_query_tokens)
+        out = super().pin_memory()
+        out.target_mask = None if self.target_mask is None else self.target_mask.pin_memory()
+        return out
 
 
 class FactEncoder:
@@ -397,7 +395,7 @@ class FactStream(IterableDataset):
 
     def sample(self, k: int) -> FactSample:
         rng = random.Random(f"{self.seed}:facts:{self.rank}:{k}")
-        if self.induction_warmup or self.induction_ratio:
+        if self.induction_warmup or self.induction_ratio:   # no draw when off: facts-only streams stay as they were
             if k < self.induction_warmup or rng.random() < self.induction_ratio:
                 return make_induction_sample(rng, self.token_range, doc_id=f"induction:{self.rank}:{k}", position=k)
         n = rng.choices(self.num_facts, weights=self.weights)[0]

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -114,14 +114,12 @@ class Sample:
         return sum(int(c.numel()) for c in self.contexts) + int(self.target.numel())
 
     def to(self, device: torch.device | str) -> Sample:
-        """A copy with the tensors on `device`."""
-        return Sample([c.to(device) for c in self.contexts], self.target.to(device), self.repeat, self.doc_id,
-                      self.source, self.position, self.epoch)
+        """A copy with the tensors on `device` (of the same class: subclasses' extra fields come along)."""
+        return replace(self, contexts=[c.to(device) for c in self.contexts], target=self.target.to(device))
 
     def pin_memory(self) -> Sample:
         """A copy in pinned host memory (called by a DataLoader with ``pin_memory=True``)."""
-        return Sample([c.pin_memory() for c in self.contexts], self.target.pin_memory(), self.repeat, self.doc_id,
-                      self.source, self.position, self.epoch)
+        return replace(self, contexts=[c.pin_memory() for c in self.contexts], target=self.target.pin_memory())
 
 
 def _cuttable(length: int, lo: int, hi: int) -> bool:

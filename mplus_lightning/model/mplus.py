@@ -486,7 +486,7 @@ class MPlus(nn.Module):
         self._check_memory(memory)
         ids = self._check_ids(input_ids, "write", single=True)
         # A chunk shorter than K re-processes old memory rows (`_write_layers`); the official README sets 16 as
-        # the hard minimum for its K=256. Models with K < 16 (the CPU demo's K=8 facts) are warned below K only.
+        # the hard minimum for its K=256. Models with K < 16 (the CPU demo's K=6 facts) are warned below K only.
         shortest = min(MIN_CHUNK_TOKENS, self.config.num_tokens)
         if ids.shape[1] < shortest:
             warnings.warn(f"writing a chunk of {ids.shape[1]} tokens (< {shortest}): the official model was trained "

@@ -364,7 +364,7 @@ class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
         labels of "every fact this sample wrote" cannot be learnt from a question about one person."""
         asked = getattr(sample, "retrieval_chunk", None)
         first = n_contexts - n_chunks                      # the injected chunks are the last n_chunks contexts
-        if asked is None or sample.repeat or not first <= asked < n_contexts:
+        if asked is None or not first <= asked < n_contexts:   # (repeat samples carry none: about every fact)
             return [doc] * n_chunks, None
         return ([doc if first + i == asked else OTHER_CHUNK for i in range(n_chunks)],
                 getattr(sample, "retrieval_query_tokens", None))
@@ -394,7 +394,6 @@ class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
         if self.memory.ltm is not None:
             self.log("ltm/size", float(len(self.memory.ltm)), **log)
         return result.loss
-
 
     def validation_step(self, sample, batch_idx):
         """Held-out LM loss and next-token accuracy of the target after injecting its contexts into a *copy* of the
