@@ -147,34 +147,80 @@ def test_the_training_step_uses_the_mask(corpus_dir):
     assert torch.equal(mask[0], s.target_mask) and torch.equal(ids[0], s.target)
 
 
-def test_the_retriever_is_trained_to_find_the_asked_fact(corpus_dir):
-    # The retriever's positives are the rows of the fact the first question asks about, its query that question's
-    # prompt ("Recall: <name>"); repeat samples (about every fact) keep the document labels: every row written.
+def test_the_retriever_is_trained_to_find_the_asked_answer_rows(corpus_dir):
+    # The retriever's positives are the rows written at the answer tokens of the fact the first question asks about,
+    # its query that question's prompt ("Recall: <name>"); repeat samples (about every fact) keep the document
+    # labels: every row written.
     from mplus_lightning.stages.base import OTHER_CHUNK, MemoryTrainingModule
 
     dm = F.FactsDataModule(str(corpus_dir), str(corpus_dir / "tokenizer"), num_facts=[3], num_questions=2,
                            repeat_ratio=0.3)
     stream = dm.build_train_dataset(rank=0, world_size=1, skip=0)
-    labels = MemoryTrainingModule._retrieval_labels
+    K = 6
+    module = type("M", (), {"model": type("Model", (), {"config": type("C", (), {"num_tokens": K})()})(),
+                            "_row_stamps": MemoryTrainingModule._row_stamps})()
+    labels = MemoryTrainingModule._retrieval_labels.__get__(module)
     seen_repeat = False
     for k in range(30):
         s = stream.sample(k)
         if s.repeat:
             seen_repeat = True
-            assert labels(None, s, 3, 3, doc=7) == ([7, 7, 7], None)
+            assert s.retrieval_positions is None
+            assert labels(s, 3, 3, doc=7) == ([7, 7, 7], None)
             continue
-        person_tokens = dm.tokenizer.decode(s.contexts[s.retrieval_chunk])
+        asked = s.contexts[s.retrieval_chunk]
         prompt = dm.tokenizer.decode(s.target[:s.retrieval_query_tokens])
-        assert prompt.startswith("Recall:") and prompt.split("Recall:")[1].strip() in person_tokens
-        assert s.answer in person_tokens
-        docs, query = labels(None, s, 3, 3, doc=7)
-        assert docs == [7 if i == s.retrieval_chunk else OTHER_CHUNK for i in range(3)]
+        assert prompt.startswith("Recall:") and prompt.split("Recall:")[1].strip() in dm.tokenizer.decode(asked)
+        docs, query = labels(s, 3, 3, doc=7)
         assert query == s.retrieval_query_tokens
+        rows = docs[s.retrieval_chunk]
+        assert len(rows) == K == len(asked)   # one stamp per row; the demo's facts are exactly K tokens
+        answer_rows = [r for r in range(K) if rows[r] == 7]
+        assert dm.tokenizer.decode(asked[answer_rows]).strip() == s.answer
+        assert all(r == OTHER_CHUNK for r in rows if r != 7)
+        assert all(d == OTHER_CHUNK for i, d in enumerate(docs) if i != s.retrieval_chunk)
         # only the last two facts injected: the asked one may be among them or not
-        docs, query = labels(None, s, 3, 2, doc=7)
-        assert docs == ([7 if i + 1 == s.retrieval_chunk else OTHER_CHUNK for i in range(2)]
-                        if s.retrieval_chunk >= 1 else [7, 7])
+        docs, query = labels(s, 3, 2, doc=7)
+        if s.retrieval_chunk >= 1:
+            assert docs[s.retrieval_chunk - 1] == rows and OTHER_CHUNK in docs
+        else:
+            assert docs == [7, 7]
     assert seen_repeat
+
+
+def test_row_stamps_follow_the_rows_a_chunk_writes():
+    # Row r of a K-row write is the output at chunk token n - K + r: a chunk longer than K writes its last K tokens'
+    # rows, a shorter one re-processes old rows first (never positives). No answer row written: all rows are `doc`.
+    from mplus_lightning.stages.base import OTHER_CHUNK as O, MemoryTrainingModule
+
+    module = type("M", (), {"model": type("Model", (), {"config": type("C", (), {"num_tokens": 4})()})()})()
+    stamps = MemoryTrainingModule._row_stamps.__get__(module)
+    assert stamps(4, [2], 9) == [O, O, 9, O]
+    assert stamps(6, [3, 4], 9) == [O, 9, 9, O]          # tokens 2..5 write rows 0..3
+    assert stamps(3, [0], 9) == [O, 9, O, O]             # one re-processed old row, then tokens 0..2
+    assert stamps(6, [0], 9) == 9                        # token 0 writes no row
+    assert stamps(4, None, 9) == 9
+
+
+def test_commit_stamps_each_new_row(tiny_model):
+    # Per-row stamps land on the slots of the rows they name, through the random eviction of a commit.
+    from mplus_lightning.stages.base import MemoryTrainingModule
+
+    mem = tiny_model.new_memory(seed=0)
+    K = mem.num_tokens
+    module = type("M", (), {"memory": mem, "row_doc": torch.full(mem.ranks.shape, -1, dtype=torch.long),
+                            "evict_gen": torch.Generator().manual_seed(0), "model": tiny_model,
+                            "_keys": lambda self, rows: tiny_model.ltm_keys(rows)})()
+    commit = MemoryTrainingModule._commit.__get__(module)
+    for doc in range(3):
+        commit(tiny_model.write(mem, torch.tensor([[5] * K])), doc)
+    delta = tiny_model.write(mem, torch.tensor([[6] * K]))
+    stamps = list(range(100, 100 + K))
+    slots = commit(delta, stamps)
+    for l in range(mem.num_layers):
+        for r in range(K):
+            assert module.row_doc[l, slots[l, r]] == 100 + r
+            assert torch.equal(mem.rows[l, slots[l, r]], delta[l, r])
 
 
 def test_the_repeat_target_is_built_on_the_batch_device(corpus_dir):
@@ -206,6 +252,25 @@ def test_bad_parameters_are_named(corpus_dir):
         F.FactCorpus.from_json(old)
     with pytest.raises(ValueError, match="num_questions"):
         F.make_fact_sample(F.load_corpus(corpus_dir).train, random.Random(0), None, num_facts=1, num_questions=0)
+    with pytest.raises(ValueError, match="namesake_ratio"):
+        F.FactsDataModule(str(corpus_dir), str(corpus_dir / "tokenizer"), namesake_ratio=1.5, fresh_attributes=True)
+    with pytest.raises(ValueError, match="fresh_attributes"):
+        F.FactsDataModule(str(corpus_dir), str(corpus_dir / "tokenizer"), namesake_ratio=0.5)
+
+
+def test_namesake_samples_hold_people_who_share_a_name(corpus_dir):
+    # namesake_ratio=1: every fact of a sample shares the first or last name of one of them (the anchor), so the
+    # asked person's namesake is in memory; the names are distinct people.
+    dm = F.FactsDataModule(str(corpus_dir), str(corpus_dir / "tokenizer"), num_facts=[4], fresh_attributes=True,
+                           namesake_ratio=1.0)
+    on = dm.build_train_dataset(rank=0, world_size=1, skip=0)
+    shared = 0
+    for k in range(20):
+        names = [dm.tokenizer.decode(c).replace("Fact:", "").split()[:2] for c in on.sample(k).contexts]
+        assert len({tuple(n) for n in names}) == 4
+        anchors = [a for a in names if all(b is a or b[0] == a[0] or b[1] == a[1] for b in names)]
+        shared += bool(anchors)
+    assert shared == 20
 
 
 @pytest.mark.slow

@@ -267,7 +267,12 @@ class FactSample(Sample):
     """Index into `contexts` of the fact the first question asks about: the rows the retriever should find (its
     labels; without it, every row the sample wrote, as for documents)..."""
     retrieval_query_tokens: int | None = None
-    """...for a query of the first question's prompt ("Recall: <name>": this many leading target tokens)."""
+    """...for a query of the first question's prompt ("Recall: <name>": this many leading target tokens)..."""
+    retrieval_positions: list[int] | None = None
+    """...and of that fact's rows only those written at these token positions of its chunk: the answer's tokens.
+    The reader copies the answer from the row of the answer token (the one whose write saw the name just before it);
+    with that row alone retrieved, a stage-3 model answered 53-57% of facts 78 tokens old, with the name rows alone
+    8-12%. The name rows are easier to find, so a retriever trained on all six rows learns to fetch those."""
 
     def to(self, device: torch.device | str) -> "FactSample":
         """A copy on `device` that keeps the mask (Lightning moves batches with `.to`)."""
@@ -350,10 +355,22 @@ def make_fact_sample(people: Sequence[Person], rng: random.Random, enc: FactEnco
         t, m = enc.target(person.question(), person.value, eos_in_loss=eos_in_loss)
         ids.append(t)
         masks.append(m)
-    return FactSample(contexts=[enc.context(people[i]) for i in chosen], target=torch.cat(ids), doc_id=doc_id,
-                      source=source, position=position, target_mask=torch.cat(masks),
-                      answer=people[chosen[asked[0]]].value, retrieval_chunk=asked[0],
-                      retrieval_query_tokens=int(masks[0].int().argmax()))   # up to its first scored token
+    contexts = [enc.context(people[i]) for i in chosen]
+    first_person = people[chosen[asked[0]]]
+    return FactSample(contexts=contexts, target=torch.cat(ids), doc_id=doc_id, source=source, position=position,
+                      target_mask=torch.cat(masks), answer=first_person.value, retrieval_chunk=asked[0],
+                      retrieval_query_tokens=int(masks[0].int().argmax()),   # up to its first scored token
+                      retrieval_positions=answer_positions(contexts[asked[0]], enc.ids(" " + first_person.value)))
+
+
+def answer_positions(context: torch.Tensor, answer_ids: list[int]) -> list[int]:
+    """Token positions of the last occurrence of `answer_ids` in a fact chunk (every template ends with the value)."""
+    ids, n = context.tolist(), len(answer_ids)
+    for start in range(len(ids) - n, -1, -1):
+        if ids[start:start + n] == answer_ids:
+            return list(range(start, start + n))
+    raise ValueError(f"the answer ids {answer_ids} do not occur in the fact chunk {ids}: the answer must be written "
+                     "in the fact as the question asks it (FACT_TEMPLATE / QUESTION)")
 
 
 INDUCTION_LENGTH = 96
@@ -385,13 +402,18 @@ class FactStream(IterableDataset):
                  num_facts: Sequence[int], num_facts_weights: Sequence[float] | None, ask: str,
                  num_questions: int = 1, repeat_ratio: float = 0.0, fresh_attributes: bool = False,
                  in_context: bool = False, induction_warmup: int = 0, induction_ratio: float = 0.0,
-                 token_range: tuple[int, int] | None = None):
+                 token_range: tuple[int, int] | None = None, namesake_ratio: float = 0.0):
         super().__init__()
         self.people, self.enc, self.seed, self.rank, self.skip = list(people), enc, seed, rank, skip
         self.num_facts, self.weights, self.ask = list(num_facts), num_facts_weights, ask
         self.num_questions, self.repeat_ratio, self.fresh_attributes = num_questions, repeat_ratio, fresh_attributes
         self.in_context = in_context
         self.induction_warmup, self.induction_ratio, self.token_range = induction_warmup, induction_ratio, token_range
+        self.namesake_ratio = namesake_ratio
+        self.by_name: dict[str, list[Person]] = {}
+        for p in self.people if namesake_ratio else ():
+            self.by_name.setdefault("first:" + p.first, []).append(p)
+            self.by_name.setdefault("last:" + p.last, []).append(p)
 
     def sample(self, k: int) -> FactSample:
         rng = random.Random(f"{self.seed}:facts:{self.rank}:{k}")
@@ -401,7 +423,9 @@ class FactStream(IterableDataset):
         n = rng.choices(self.num_facts, weights=self.weights)[0]
         people = self.people
         if self.fresh_attributes:
-            people = [with_fresh_attributes(p, rng) for p in rng.sample(people, n)]
+            namesakes = self.namesake_ratio and rng.random() < self.namesake_ratio   # no draw when off
+            group = self.namesakes(n, rng) if namesakes else rng.sample(people, n)
+            people = [with_fresh_attributes(p, rng) for p in group]
         sample = make_fact_sample(people, rng, self.enc, num_facts=n, ask=self.ask,
                                   num_questions=self.num_questions, doc_id=f"facts:{self.rank}:{k}", position=k)
         if rng.random() < self.repeat_ratio:
@@ -409,8 +433,23 @@ class FactStream(IterableDataset):
                 sample.target, sample.target_mask = self.enc.repeat_target(sample.contexts)
             else:
                 sample.repeat = True
-            sample.retrieval_chunk = sample.retrieval_query_tokens = None   # the copy is about every fact
+            # the copy is about every fact
+            sample.retrieval_chunk = sample.retrieval_query_tokens = sample.retrieval_positions = None
         return sample
+
+    def namesakes(self, n: int, rng: random.Random) -> list[Person]:
+        """n distinct people, all but one sharing the first or the last name of that one (in random order): a
+        question about any of them has a namesake's fact in memory, whose rows only the other name tells apart."""
+        anchor = rng.choice(self.people)
+        pool = {id(p): p for p in self.by_name["first:" + anchor.first] + self.by_name["last:" + anchor.last]
+                if p is not anchor}
+        group = [anchor] + rng.sample(list(pool.values()), min(n - 1, len(pool)))
+        while len(group) < n:   # a name nobody else has: fill with anyone
+            p = rng.choice(self.people)
+            if all(p is not q for q in group):
+                group.append(p)
+        rng.shuffle(group)
+        return group
 
     def __iter__(self) -> Iterator[FactSample]:
         for k in itertools.count(self.skip):
@@ -464,6 +503,10 @@ class FactsDataModule(TokenizedDataModule):
         induction_warmup: in_context layout: the first this many batches are induction samples
             (`make_induction_sample`: random tokens with a repeated segment), which form the lookup circuit...
         induction_ratio: ...and this share of later samples too, so that it stays.
+        namesake_ratio: share of samples whose people share a first or last name (`FactStream.namesakes`; needs
+            fresh_attributes). With 48 x 48 names, a fact 78 tokens old sits in a long-term memory of ~170 facts
+            among ~3 namesakes each way; samples of 1-4 random people almost never hold one, so without them
+            neither the reader nor the retriever learns to tell a fact from its namesakes' by the other name.
         seed: data seed; vocab_size: the model's (the tokenizer is checked against it).
     """
 
@@ -473,8 +516,8 @@ class FactsDataModule(TokenizedDataModule):
                  num_facts_weights: Sequence[float] | None = None, ask: str = "uniform", num_questions: int = 1,
                  repeat_ratio: float = 0.0, val_samples: int = 16, val_num_facts: int = 2,
                  fresh_attributes: bool = False, layout: str = "memory", batch_size: int = 1,
-                 induction_warmup: int = 0, induction_ratio: float = 0.0, seed: int = 0,
-                 vocab_size: int | None = None):
+                 induction_warmup: int = 0, induction_ratio: float = 0.0, namesake_ratio: float = 0.0,
+                 seed: int = 0, vocab_size: int | None = None):
         super().__init__(tokenizer, seed=seed, vocab_size=vocab_size)
         if layout not in self.LAYOUTS:
             raise ValueError(f"layout must be one of {self.LAYOUTS}, got {layout!r}")
@@ -491,6 +534,12 @@ class FactsDataModule(TokenizedDataModule):
             raise ValueError(f"induction_warmup must be >= 0 (got {induction_warmup}) and induction_ratio in [0, 1] "
                              f"(got {induction_ratio})")
         self.induction_warmup, self.induction_ratio = induction_warmup, induction_ratio
+        if not 0.0 <= namesake_ratio <= 1.0:
+            raise ValueError(f"namesake_ratio must be in [0, 1], got {namesake_ratio}")
+        if namesake_ratio and not fresh_attributes:
+            raise ValueError("namesake_ratio needs fresh_attributes=true: namesakes are drawn as people with new "
+                             "attributes (a fixed set of people cannot be regrouped)")
+        self.namesake_ratio = namesake_ratio
         if not num_facts or min(num_facts) < 1:
             raise ValueError(f"num_facts must list counts >= 1, got {list(num_facts)}")
         if num_facts_weights is not None and len(num_facts_weights) != len(num_facts):
@@ -534,7 +583,8 @@ class FactsDataModule(TokenizedDataModule):
                           num_questions=self.num_questions, repeat_ratio=self.repeat_ratio,
                           fresh_attributes=self.fresh_attributes, in_context=self.in_context,
                           induction_warmup=self.induction_warmup * self.batch_size,
-                          induction_ratio=self.induction_ratio, token_range=self.content_token_range())
+                          induction_ratio=self.induction_ratio, token_range=self.content_token_range(),
+                          namesake_ratio=self.namesake_ratio)
 
     def content_token_range(self) -> tuple[int, int]:
         """[low, high) token ids of the induction task: the tokenizer's vocabulary after its special tokens."""

@@ -209,19 +209,23 @@ class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
         with torch.no_grad():
             return self.model("keys", rows)
 
-    def _commit(self, delta: torch.Tensor, doc: int, memory: MemoryState | None = None,
+    def _commit(self, delta: torch.Tensor, doc: int | list[int], memory: MemoryState | None = None,
                 row_doc: torch.Tensor | None = None) -> torch.Tensor:
-        """Commit delta into memory (training memory unless given); stamp the new slots with `doc`. Returns slots."""
+        """Commit delta into memory (training memory unless given); stamp the new slots with `doc` (one id, or one
+        per new row: K ids in the order of delta's rows). Returns the new slots [L, K] in delta's row order."""
         memory = memory if memory is not None else self.memory
         row_doc = row_doc if row_doc is not None else self.row_doc
         memory.commit(delta.detach(), keys_fn=self._keys if memory.ltm is not None else None,
                       generator=self.evict_gen, per_layer=self.model.config.drop_memory_per_layer)
         slots = memory.slots_in_rank_order()[:, -memory.num_tokens:]
-        row_doc.scatter_(1, slots, doc)
+        if isinstance(doc, int):
+            row_doc.scatter_(1, slots, doc)
+        else:
+            row_doc.scatter_(1, slots, torch.tensor(doc, device=row_doc.device).expand_as(slots))
         return slots
 
-    def _inject_no_grad(self, chunks: list[torch.Tensor], doc: int | list[int], memory=None, row_doc=None) -> None:
-        """Inject chunks one by one without gradient, stamping their rows with `doc` (or one id per chunk). Ranks
+    def _inject_no_grad(self, chunks: list[torch.Tensor], doc: int | list, memory=None, row_doc=None) -> None:
+        """Inject chunks one by one without gradient, stamping their rows with `doc` (or one stamp per chunk). Ranks
         with fewer chunks than the most any rank has run the same passes on a stand-in chunk and discard them, so
         every rank issues the same FSDP collectives."""
         memory = memory if memory is not None else self.memory
@@ -356,18 +360,33 @@ class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
         self._update_revisit_cache(ids, mask, doc, n_chunks, query_tokens)
         return StepResult(total, loss, kind, tokens, metrics)
 
-    def _retrieval_labels(self, sample, n_contexts: int, n_chunks: int, doc: int) -> tuple[list[int], int | None]:
-        """Per injected chunk, the id its rows are stamped with (the retriever's positives are the rows stamped
-        `doc`), and the retriever query length. Documents: every chunk is `doc` (the official labels: the rows this
-        document wrote). Facts samples name the chunk their first question asks about (`retrieval_chunk`): only its
-        rows are positives, the other facts' rows are stamped OTHER_CHUNK, and the query is that question's prompt;
-        labels of "every fact this sample wrote" cannot be learnt from a question about one person."""
+    def _retrieval_labels(self, sample, n_contexts: int, n_chunks: int, doc: int
+                          ) -> tuple[list[int | list[int]], int | None]:
+        """Per injected chunk, the stamp of its rows (the retriever's positives are the rows stamped `doc`): one id
+        for all its rows, or K ids, one per row. Also the retriever query length. Documents: every chunk is `doc`
+        (the official labels: the rows this document wrote). Facts samples name the chunk their first question asks
+        about (`retrieval_chunk`) and the token positions in it that answer (`retrieval_positions`): only the rows
+        written at those tokens are positives, every other row of the sample is stamped OTHER_CHUNK, and the query
+        is that question's prompt. Labels of "every fact this sample wrote" cannot be learnt from a question about
+        one person, and of the asked fact's six rows the reader needs the answer's (data/facts.py FactSample)."""
         asked = getattr(sample, "retrieval_chunk", None)
         first = n_contexts - n_chunks                      # the injected chunks are the last n_chunks contexts
         if asked is None or not first <= asked < n_contexts:   # (repeat samples carry none: about every fact)
             return [doc] * n_chunks, None
-        return ([doc if first + i == asked else OTHER_CHUNK for i in range(n_chunks)],
-                getattr(sample, "retrieval_query_tokens", None))
+        stamps: list[int | list[int]] = [OTHER_CHUNK] * n_chunks
+        stamps[asked - first] = self._row_stamps(len(sample.contexts[asked]), getattr(sample, "retrieval_positions",
+                                                                                     None), doc)
+        return stamps, getattr(sample, "retrieval_query_tokens", None)
+
+    def _row_stamps(self, chunk_len: int, positions: list[int] | None, doc: int) -> int | list[int]:
+        """Stamps of the K rows a chunk of `chunk_len` tokens writes: `doc` on the rows written at `positions`.
+        Row r is the write pass's output at chunk token chunk_len - K + r (shorter chunks: the first rows are
+        re-processed old rows, never positives). No positions, or none among the rows: every row is `doc`."""
+        if positions is None:
+            return doc
+        K = self.model.config.num_tokens
+        stamps = [doc if chunk_len - K + r in positions else OTHER_CHUNK for r in range(K)]
+        return stamps if doc in stamps else doc
 
     def _update_revisit_cache(self, ids, mask, doc, n_chunks, query_tokens: int | None = None) -> None:
         c = self.revisit
