@@ -9,7 +9,8 @@ right after the name, e.g.
 and is asked about by name: the prompt "Recall: Alice Moreno" is answered with " Lisbon". The retention evaluation's
 held-out facts tell city, year and employer in turn. Why this shape: answering is then a lookup a tiny transformer
 forms within minutes, the induction pattern ("find the name earlier in the memory, continue with what followed
-it"), and every row a fact writes after its name carries the name, which the retriever can match. Measured on
+it"), and the row written at the answer token carries the name before it, which the retriever can match (the
+retriever's positives are that row: `FactSample.retrieval_positions`). Measured on
 the way here: with sentences ("... was born in Lisbon in 1987 ...") and questions like "Where was Alice Moreno
 born? Answer:" the demo's 2-layer model never learned the lookup (CPU sweeps; 6,000 steps on a GPU) and answered
 with a fact of the right kind chosen at random; with three-attribute records ("Alice Moreno Lisbon 1987 Ardent")
