@@ -10,7 +10,7 @@ and is asked about by name: the prompt "Recall: Alice Moreno" is answered with "
 held-out facts tell city, year and employer in turn. Why this shape: answering is then a lookup a tiny transformer
 forms within minutes, the induction pattern ("find the name earlier in the memory, continue with what followed
 it"), and the row written at the answer token carries the name before it, which the retriever can match (the
-retriever's positives are that row: `FactSample.retrieval_positions`). Measured on
+retriever's positives are that row: `Sample.retrieval_positions`). Measured on
 the way here: with sentences ("... was born in Lisbon in 1987 ...") and questions like "Where was Alice Moreno
 born? Answer:" the demo's 2-layer model never learned the lookup (CPU sweeps; 6,000 steps on a GPU) and answered
 with a fact of the right kind chosen at random; with three-attribute records ("Alice Moreno Lisbon 1987 Ardent")
@@ -264,16 +264,6 @@ class FactSample(Sample):
     """1-D bool, same length as `target`: False = no loss on that token (the question part)."""
     answer: str = ""
     """The answer string (for inspection; training uses the ids)."""
-    retrieval_chunk: int | None = None
-    """Index into `contexts` of the fact the first question asks about: the rows the retriever should find (its
-    labels; without it, every row the sample wrote, as for documents)..."""
-    retrieval_query_tokens: int | None = None
-    """...for a query of the first question's prompt ("Recall: <name>": this many leading target tokens)..."""
-    retrieval_positions: list[int] | None = None
-    """...and of that fact's rows only those written at these token positions of its chunk: the answer's tokens.
-    The reader copies the answer from the row of the answer token (the one whose write saw the name just before it);
-    with that row alone retrieved, a stage-3 model answered 53-57% of facts 78 tokens old, with the name rows alone
-    8-12%. The name rows are easier to find, so a retriever trained on all six rows learns to fetch those."""
 
     def to(self, device: torch.device | str) -> "FactSample":
         """A copy on `device` that keeps the mask (Lightning moves batches with `.to`)."""

@@ -365,18 +365,17 @@ class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
         """Per injected chunk, the stamp of its rows (the retriever's positives are the rows stamped `doc`): one id
         for all its rows, or K ids, one per row. Also the retriever query length. Documents: every chunk is `doc`
         (the official labels: the rows this document wrote). Facts samples name the chunk their first question asks
-        about (`retrieval_chunk`) and the token positions in it that answer (`retrieval_positions`): only the rows
-        written at those tokens are positives, every other row of the sample is stamped OTHER_CHUNK, and the query
-        is that question's prompt. Labels of "every fact this sample wrote" cannot be learnt from a question about
-        one person, and of the asked fact's six rows the reader needs the answer's (data/facts.py FactSample)."""
-        asked = getattr(sample, "retrieval_chunk", None)
+        about (`Sample.retrieval_chunk`) and the token positions in it that answer (`retrieval_positions`): only the
+        rows written at those tokens are positives, every other row of the sample is stamped OTHER_CHUNK, and the
+        query is that question's prompt. Labels of "every fact this sample wrote" cannot be learnt from a question
+        about one person, and of the asked fact's six rows the reader needs the answer's."""
+        asked = sample.retrieval_chunk
         first = n_contexts - n_chunks                      # the injected chunks are the last n_chunks contexts
         if asked is None or not first <= asked < n_contexts:   # (repeat samples carry none: about every fact)
             return [doc] * n_chunks, None
         stamps: list[int | list[int]] = [OTHER_CHUNK] * n_chunks
-        stamps[asked - first] = self._row_stamps(len(sample.contexts[asked]), getattr(sample, "retrieval_positions",
-                                                                                     None), doc)
-        return stamps, getattr(sample, "retrieval_query_tokens", None)
+        stamps[asked - first] = self._row_stamps(len(sample.contexts[asked]), sample.retrieval_positions, doc)
+        return stamps, sample.retrieval_query_tokens
 
     def _row_stamps(self, chunk_len: int, positions: list[int] | None, doc: int) -> int | list[int]:
         """Stamps of the K rows a chunk of `chunk_len` tokens writes: `doc` on the rows written at `positions`.
