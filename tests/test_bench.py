@@ -111,6 +111,20 @@ def test_bfloat16_build_path_and_profile(keep_threads):
     assert mplus.mean_sigmoid_scores is bench.mean_sigmoid_scores
 
 
+def test_region_times_keep_the_cpu_range_of_a_region():
+    # Under CUDA the profiler lists a region twice: its CPU range and a device-side annotation with no CPU time,
+    # which used to overwrite it (every region read 0 ms in the H100 profile).
+    from types import SimpleNamespace as E
+
+    from torch.autograd import DeviceType
+
+    events = [E(key="attention", device_type=DeviceType.CPU, cpu_time_total=5000.0, count=4),
+              E(key="attention", device_type=DeviceType.CUDA, cpu_time_total=0.0, count=4),
+              E(key="aten::mm", device_type=DeviceType.CPU, cpu_time_total=9000.0, count=8)]
+    regions = bench.region_times(events, calls=2, thread_cpu_ms={"attention": 3.0})
+    assert regions == {"attention": {"ms_per_call": 2.5, "calls": 2, "thread_cpu_ms_per_call": 1.5, "inside": None}}
+
+
 def test_training_benchmark_reports_every_step_kind_and_the_plain_step(tmp_path):
     from mplus_lightning.bench import main
 
