@@ -73,6 +73,9 @@ class RetentionConfig(CommonConfig):
     """mplus: read with the long-term memory; memoryllm: read the short-term pool only (same injections)."""
     borderline: bool = True
     """Also ask every question without its context (the no-context 'borderline' accuracy)."""
+    diagnose: bool = False
+    """M+ mode: also record, per scoring point, where the context's rows are (short-term pool / long-term memory),
+    the share of them each layer retrieved, and the score with an oracle retrieval (eval/diagnose.py)."""
 
 
 @dataclass

@@ -13,6 +13,7 @@ the number of distractor injections, counted per scoring point.
 
 Outputs in `out`: items.jsonl (one line per item and mode, written as it finishes: a rerun resumes), results.json,
 retention.png, tensorboard/ (scalars retention/<dataset>/<mode>/<metric> with step = distance in tokens).
+With `diagnose`, M+ points also say where the context's rows are and how an oracle retrieval scores (diagnose.py).
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ import logging
 import shutil
 import warnings
 
+import torch
 from tqdm.auto import tqdm
 
 from ..data.longbench import fill
 from ..data.retention import DISTRACTOR_MIN_TOKENS, build_distractors, load_retention_set
 from . import plots
 from .config import RetentionConfig
+from .diagnose import diagnose_point, summarize_diagnostics
 from .io import write_json
 from .metrics import exact_hit, qa_f1
 from .runtime import (MODES, EvalInputError, RunDir, decode, default_out, encode, generate_ids, inject,
@@ -90,7 +93,8 @@ def run_retention(cfg: RetentionConfig, *, model=None, memory=None, tokenizer=No
                        dataset=rset.name, distractors=rset.distractor_source, distractor_min_tokens=min_tokens,
                        distractor_tokens=cfg.distractor_tokens, distances=distances, context_tokens=cfg.context_tokens,
                        context_template=rset.context_template, question_template=rset.question_template,
-                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, dtype=str(model.dtype))
+                       max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, dtype=str(model.dtype),
+                       diagnose=cfg.diagnose)
     run = RunDir(cfg.out or default_out("retention", cfg.model), "retention", cfg, fingerprint, ("kind", "id"),
                  overwrite=cfg.overwrite)
     store = run.store
@@ -134,6 +138,11 @@ def _retention_item(model, base, tok, cfg, index, item, ctx_ids, q_ids, distract
     """Inject the context then distractors into a copy of `base`; score every mode at every distance."""
     gen = item_generator(cfg.seed, "retention", item.id)
     mem = start_memory(base, "mplus")
+    context_rows = None
+    if cfg.diagnose and "mplus" in modes and mem.ltm is not None:
+        with warnings.catch_warnings():   # the rows the injection below writes (the write is deterministic)
+            warnings.filterwarnings("ignore", message="writing a chunk of")
+            context_rows = model.write(mem, torch.tensor([ctx_ids], device=model.device))
     inject(model, mem, ctx_ids, gen)
     points: dict[str, list] = {m: [] for m in modes}
     injected = count = 0
@@ -150,6 +159,9 @@ def _retention_item(model, base, tok, cfg, index, item, ctx_ids, q_ids, distract
             pred = generate_ids(model, memory_view(mem, m), q_ids, cfg.max_new_tokens)
             points[m].append({"distance": d, "tokens": injected, "injections": count,
                               **_score(tok, pred, item.answer)})
+            if m == "mplus" and context_rows is not None:
+                points[m][-1].update(diagnose_point(model, mem, context_rows, q_ids, cfg.max_new_tokens,
+                                                    lambda ids: _score(tok, ids, item.answer)))
     inner.close()
     return points
 
@@ -177,6 +189,9 @@ def summarize(run: RunDir, items, modes, distances, cfg, dataset: str, model) ->
                  "qa_f1": [sum(r["points"][j]["qa_f1"] for r in recs) / n for j in range(len(distances))],
                  "tokens": [recs[0]["points"][j]["tokens"] for j in range(len(distances))],
                  "injections": [recs[0]["points"][j]["injections"] for j in range(len(distances))]}
+        diagnostics = summarize_diagnostics([r["points"] for r in recs])
+        if diagnostics:
+            curve["diagnostics"] = diagnostics
         out["modes"][mode] = curve
         out["num_items"] = max(out["num_items"], n)
         base = out["borderline"] or {"exact_hit": 0.0, "qa_f1": 0.0}
@@ -201,6 +216,9 @@ def _tensorboard(run: RunDir, summary: dict) -> None:
                 writer.add_scalar(f"retention/{ds}/{mode}/{metric}", curve[metric][j], global_step=d)
                 writer.add_scalar(f"retention/{ds}/{mode}/theory_{metric}", summary["theory"][mode][metric][j],
                                   global_step=d)
+                if "diagnostics" in curve:
+                    writer.add_scalar(f"retention/{ds}/{mode}/oracle_{metric}",
+                                      curve["diagnostics"][f"oracle_{metric}"][j], global_step=d)
     if summary["borderline"]:
         for d in summary["distances"]:
             for metric in ("exact_hit", "qa_f1"):
