@@ -140,7 +140,7 @@ def _retention_item(model, base, tok, cfg, index, item, ctx_ids, q_ids, distract
     mem = start_memory(base, "mplus")
     context_rows = None
     if cfg.diagnose and "mplus" in modes and mem.ltm is not None:
-        with warnings.catch_warnings():   # the rows the injection below writes (the write is deterministic)
+        with warnings.catch_warnings(), torch.no_grad():   # the rows the injection below writes (deterministic)
             warnings.filterwarnings("ignore", message="writing a chunk of")
             context_rows = model.write(mem, torch.tensor([ctx_ids], device=model.device))
     inject(model, mem, ctx_ids, gen)
