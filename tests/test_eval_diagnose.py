@@ -40,7 +40,7 @@ def test_rows_are_followed_into_the_long_term_memory(tiny_model):
             assert (mem.ltm.view(l)[0][j] == rows[l]).all(-1).any()
 
 
-def test_pinned_retrieval_reads_the_given_rows_and_then_unpatches(tiny_model):
+def test_pinned_retrieval_reads_the_given_rows_and_then_unpins(tiny_model):
     K0 = tiny_model.config.ltm_read_rows
     mem = filled(tiny_model, chunks=8)
     q = random_ids(10)
@@ -50,7 +50,7 @@ def test_pinned_retrieval_reads_the_given_rows_and_then_unpatches(tiny_model):
         others = [j for j in range(len(mem.ltm)) if j not in set(before[l, 0].tolist())]
         assert len(others) >= 3
         pinned.append(torch.tensor(others[:3]))
-    with pinned_retrieval(pinned):
+    with pinned_retrieval(mem, pinned):
         _, during = tiny_model.read(mem, q, return_retrieved=True)
     for l in range(mem.num_layers):
         assert set(pinned[l].tolist()) <= set(during[l, 0].tolist()) and during.shape[-1] == K0

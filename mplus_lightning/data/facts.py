@@ -432,9 +432,10 @@ class FactStream(IterableDataset):
         """n distinct people, all but one sharing the first or the last name of that one (in random order): a
         question about any of them has a namesake's fact in memory, whose rows only the other name tells apart."""
         anchor = rng.choice(self.people)
-        pool = {id(p): p for p in self.by_name["first:" + anchor.first] + self.by_name["last:" + anchor.last]
-                if p is not anchor}
-        group = [anchor] + rng.sample(list(pool.values()), min(n - 1, len(pool)))
+        # name pairs are unique: nobody but the anchor is in both lists
+        pool = [p for p in self.by_name["first:" + anchor.first] + self.by_name["last:" + anchor.last]
+                if p is not anchor]
+        group = [anchor] + rng.sample(pool, min(n - 1, len(pool)))
         while len(group) < n:   # a name nobody else has: fill with anyone
             p = rng.choice(self.people)
             if all(p is not q for q in group):

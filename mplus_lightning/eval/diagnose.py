@@ -17,7 +17,6 @@ from collections.abc import Iterator
 
 import torch
 
-from ..model import mplus as mplus_module
 from ..model.memory import MemoryState
 from .runtime import generate_ids
 
@@ -50,31 +49,14 @@ def locate(memory: MemoryState, rows: torch.Tensor) -> tuple[list[int], list[tor
 
 
 @contextlib.contextmanager
-def pinned_retrieval(pinned: list[torch.Tensor]) -> Iterator[None]:
-    """Every read inside retrieves, per layer l, the long-term rows `pinned[l]` first (up to the K0 it reads), the
-    rest by score as usual: the oracle retrieval. Patches the model module's selection while it is open."""
-    original_retrieve = mplus_module.MPlus._retrieve
-    original_select = mplus_module.select_oldest_first
-    layer = {"index": 0}
-
-    def retrieve(layer_obj, layer_idx, h, ltm, K0, retrieved):
-        layer["index"] = layer_idx
-        return original_retrieve(layer_obj, layer_idx, h, ltm, K0, retrieved)
-
-    def select(scores, ages, k):
-        wanted = pinned[layer["index"]].to(scores.device)
-        if wanted.numel():
-            scores = scores.clone()
-            scores[:, wanted] = float("inf")   # the top-k takes them first; select still orders oldest first
-        return original_select(scores, ages, k)
-
-    mplus_module.MPlus._retrieve = staticmethod(retrieve)
-    mplus_module.select_oldest_first = select
+def pinned_retrieval(memory: MemoryState, pinned: list[torch.Tensor]) -> Iterator[None]:
+    """Every read of `memory` inside retrieves, per layer l, its long-term rows `pinned[l]` first (up to the K0 it
+    reads), the rest by score as usual: the oracle retrieval (`LongTermMemory.pinned`)."""
+    memory.ltm.pinned = pinned
     try:
         yield
     finally:
-        mplus_module.MPlus._retrieve = staticmethod(original_retrieve)
-        mplus_module.select_oldest_first = original_select
+        memory.ltm.pinned = None
 
 
 def diagnose_point(model, memory: MemoryState, context_rows: torch.Tensor, q_ids: list[int], max_new_tokens: int,
@@ -90,7 +72,7 @@ def diagnose_point(model, memory: MemoryState, context_rows: torch.Tensor, q_ids
     if picked is not None:
         for l in range(memory.num_layers):
             retrieved[l] = int(torch.isin(picked[l, 0], in_ltm[l].to(picked.device)).sum())
-    with pinned_retrieval(in_ltm):
+    with pinned_retrieval(memory, in_ltm):
         oracle = score(generate_ids(model, memory, q_ids, max_new_tokens))
     return {"rows_in_stm": [n / R for n in in_stm], "rows_in_ltm": [len(i) / R for i in in_ltm],
             "rows_retrieved": [n / R for n in retrieved],

@@ -50,6 +50,9 @@ class LongTermMemory:
         self.rows = torch.empty(num_layers, 0, hidden_size, dtype=dtype, device=device)
         self.keys = torch.empty(num_layers, 0, key_size, dtype=dtype, device=device)
         self.ages = torch.empty(num_layers, 0, dtype=torch.long, device=device)
+        self.pinned: list[torch.Tensor] | None = None
+        """Per layer, row indices every retrieval takes first (diagnostics: the oracle retrieval of
+        eval/diagnose.py); None: retrieval by score alone. Not copied or saved."""
 
     @property
     def num_layers(self) -> int:
@@ -109,6 +112,7 @@ class LongTermMemory:
         out = LongTermMemory.__new__(LongTermMemory)
         out.capacity, out.size = self.capacity, self.size
         out.rows, out.keys, out.ages = (t[:, : self.size].clone() for t in (self.rows, self.keys, self.ages))
+        out.pinned = None
         return out
 
     def to(self, device=None, dtype=None) -> "LongTermMemory":

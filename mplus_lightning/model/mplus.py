@@ -410,7 +410,10 @@ class MPlus(nn.Module):
         rows, keys, ages = ltm.view(layer_idx)
         with torch.no_grad():  # retrieval is a selection: no gradient flows through it (official: no_grad)
             queries = layer.retriever.query_proj(layer.input_layernorm(h))
-            idx = select_oldest_first(mean_sigmoid_scores(queries, keys.to(queries.dtype)), ages, K0)  # [B, m]
+            scores = mean_sigmoid_scores(queries, keys.to(queries.dtype))
+            if ltm.pinned is not None:   # the top-k takes pinned rows first; they are still ordered oldest first
+                scores = scores.index_fill(1, ltm.pinned[layer_idx].to(scores.device), float("inf"))
+            idx = select_oldest_first(scores, ages, K0)  # [B, m]
         if retrieved is not None:
             retrieved.append(idx)
         m = idx.shape[1]
