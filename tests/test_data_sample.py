@@ -1,4 +1,4 @@
-"""The document -> sample rule (research/training.md §1.3) on hand-made lengths."""
+"""The official document -> sample rule (and where we depart from it) on hand-made lengths."""
 
 import random
 
@@ -21,6 +21,7 @@ def cat(s: Sample) -> list[int]:
 
 def test_defaults_are_the_official_values():
     assert (RULE.min_length, RULE.max_length, RULE.max_seq_length, RULE.target_is_context_ratio) == (16, 512, 2048, 0.1)
+    assert RULE.pipeline == "stage1"
 
 
 @pytest.mark.parametrize("n", [0, 1, 15, 16, 17, 300, 511, 512])
@@ -69,18 +70,20 @@ def test_long_document_rule_uses_384_to_512_token_chunks():
     for n in (4096, 7000, 16000, 40000):
         for seed in range(10):
             s = make_sample(doc(n), RULE, random.Random(seed), min_length=384)
-            assert all(384 <= c.numel() <= 512 for c in s.contexts), [c.numel() for c in s.contexts]
+            sizes = [c.numel() for c in s.contexts]
+            assert all(384 <= x <= 512 for x in sizes[:-1]) and 1 <= sizes[-1] <= 512, sizes
             assert 384 <= s.target.numel() <= 2048
             assert cat(s) == doc(n)
 
 
-def test_lengths_that_cannot_be_cut_are_rejected_or_keep_a_short_last_context_chunk():
-    # 513..767 tokens cannot be cut into 384..512-token pieces: rejected below max_seq_length ...
-    for n in (513, 600, 767, 1100):
-        assert make_sample(doc(n), LONG, random.Random(0)) is None
-        assert not LONG.accepts(n)
-    assert make_sample(doc(768), LONG, random.Random(0)) is not None
-    # ... and above it the context keeps a short last chunk (only the last one) rather than dropping the document.
+def test_lengths_that_384_to_512_cannot_cover_keep_a_short_last_slice_as_officially():
+    # 513..767 tokens cannot be cut into 384..512-token pieces: officially a 384-token context and a short target ...
+    for n in (513, 600, 767):
+        for seed in range(5):
+            s = make_sample(doc(n), LONG, random.Random(seed))
+            assert [c.numel() for c in s.contexts] == [384] and s.target.tolist() == doc(n)[384:]
+        assert LONG.accepts(n)
+    # ... and the context of a longer document keeps a short last chunk (only the last one).
     short_seen = False
     for seed in range(200):
         s = make_sample(doc(2600), LONG, random.Random(seed))
@@ -100,15 +103,60 @@ def test_accepts_agrees_with_make_sample():
 
 def test_split_lengths_sum_and_bounds():
     r = random.Random(1)
-    for _ in range(500):
+    quirks = 0
+    for _ in range(2000):
         lo = r.randint(1, 50)
         hi = r.randint(lo, 120)
-        n = r.randint(lo, 2000)
+        n = r.randint(1, 2000)
         sizes = split_lengths(n, lo, hi, random.Random(r.random()))
-        if sizes is None:
-            assert not any(k * lo <= n <= k * hi for k in range(1, n // lo + 1))
+        if n <= hi:
+            assert sizes == [n]
             continue
-        assert sum(sizes) == n and all(lo <= x <= hi for x in sizes)
+        assert len(sizes) >= 2 and all(lo <= x <= hi for x in sizes)
+        assert sum(sizes[:-1]) < n <= sum(sizes)  # the last slice is never empty
+        if hi >= 2 * lo - 1:
+            assert sum(sizes) == n
+        quirks += sum(sizes) > n
+    assert quirks > 0  # the official fix-up that cannot give the last chunk enough tokens happened
+
+
+class Scripted:
+    """Returns the given `randint` results in order and records every call."""
+
+    def __init__(self, draws=(), randoms=()):
+        self.draws, self.randoms, self.calls = list(draws), list(randoms), []
+
+    def randint(self, a, b):
+        self.calls.append(("randint", a, b))
+        return self.draws.pop(0)
+
+    def random(self):
+        self.calls.append(("random",))
+        return self.randoms.pop(0)
+
+
+def test_split_lengths_stops_drawing_at_max_length_and_fixes_the_last_chunk_up_newest_first():
+    rng = Scripted([300, 200])
+    assert split_lengths(1000, 16, 512, rng) == [300, 200, 500]  # 500 left: no third draw
+    assert rng.calls == [("randint", 16, 512)] * 2
+    assert split_lengths(1000, 16, 512, Scripted([480, 510])) == [480, 504, 16]  # 10 left: the newest gives 6
+    assert split_lengths(1160, 384, 512, Scripted([400, 390])) == [392, 384, 384]  # 370 left: both give
+    assert split_lengths(1100, 384, 512, Scripted([384, 384])) == [384, 384, 384]  # cannot give: sum > 1100
+
+
+def test_pipeline_decides_when_the_label_is_drawn():
+    stage1, stage2_3 = SampleRule(), SampleRule(pipeline="stage2_3")
+    rng = Scripted(randoms=[0.05])
+    assert make_sample(doc(300), stage1, rng) is None and rng.calls == [("random",)]  # drawn, then rejected
+    rng = Scripted()
+    assert make_sample(doc(300), stage2_3, rng) is None and rng.calls == []
+    rng = Scripted([1800, 300], randoms=[0.05])
+    s = make_sample(doc(2600), stage1, rng)
+    assert rng.calls == [("random",), ("randint", 16, 2048), ("randint", 16, 512)] and s.repeat
+    rng = Scripted([1800, 300], randoms=[0.5])
+    s = make_sample(doc(2600), stage2_3, rng)
+    assert rng.calls == [("randint", 16, 2048), ("randint", 16, 512), ("random",)] and not s.repeat
+    assert [c.numel() for c in s.contexts] == [300, 500] and s.target.tolist() == doc(2600)[800:]
 
 
 def test_deterministic_per_document_generator():
@@ -136,7 +184,18 @@ def test_rule_validation_messages():
         SampleRule(target_is_context_ratio=1.5)
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['min_len'\]"):
         SampleRule.from_any({"min_len": 3})
+    with pytest.raises(ValueError, match=r"pipeline='stage2': expected one of \['stage1', 'stage2_3'\]"):
+        SampleRule(pipeline="stage2")
+    with pytest.raises(ValueError, match="max_seq_length=16 must exceed min_length=16"):
+        SampleRule(max_seq_length=16)
     assert SampleRule.from_any({"min_length": 8}).min_length == 8
+
+
+def test_a_data_module_default_pipeline_applies_only_where_none_is_named():
+    assert SampleRule.from_any(None, pipeline="stage2_3").pipeline == "stage2_3"
+    assert SampleRule.from_any({"min_length": 8}, pipeline="stage2_3") == SampleRule(8, pipeline="stage2_3")
+    assert SampleRule.from_any({"pipeline": "stage1"}, pipeline="stage2_3").pipeline == "stage1"
+    assert SampleRule.from_any(RULE, pipeline="stage2_3") is RULE
 
 
 def test_sample_moves_through_lightning_batch_transfer():

@@ -3,8 +3,8 @@
 Ratios are shares of *samples* (rejected documents are skipped within their source, so they do not shift the mix):
 
 * stage 2 (`STAGE2_RATIOS`): fineweb : 4k-8k : 8k-16k : 16k-32k : 32k-64k = 1 : 1 : 1 : 1 : 1, the paper's mix
-  (official: 200k fine-web + 4 x 200k bucket documents, shuffled together; research/training.md §3);
-* stage 3 (`STAGE3_RATIOS`): each bucket 0.025, fine-web the remaining 0.9 (official stage-3 config, §4).
+  (official: 200k fine-web + 4 x 200k bucket documents, shuffled together);
+* stage 3 (`STAGE3_RATIOS`): each bucket 0.025, fine-web the remaining 0.9 (the official stage-3 config).
 
 Each sample's source is drawn with the seeded per-position generator of `SampleStream` (module
 `mplus_lightning.data.stream`), so the mix is deterministic, sharded over ranks and workers, and resumes exactly.
@@ -15,7 +15,8 @@ When a source runs out (every document of this rank's share of it has been used 
   others go on, and the loader logs ``source '4k-8k' begins pass 2 at sample N``. The ratios stay as configured.
 * ``num_epochs=1`` (``on_exhausted="stop"``): the stream ends at the first sample that would need a second pass of
   any source (with several ranks, all ranks stop at the same step); `SampleDataModule` logs it and asks the trainer
-  to stop. This is the paper's "one epoch", without the official crash (training.md §7 item 2).
+  to stop. This is the paper's "one epoch", without the official crash (its loader workers raised IndexError when
+  their share ran out).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .fineweb import DEFAULT_DUMP, FineWebDataModule
-from .sample import Sample
+from .sample import Sample, SampleRule
 from .slimpajama import BUCKETS, bucket_sources, check_bucket_tokenizer
 from .stream import SourceSpec, TokenizedDataModule
 
@@ -61,19 +62,21 @@ class MixtureDataModule(TokenizedDataModule):
         on_exhausted: ``cycle`` (a source that runs out starts a new pass, logged) or ``stop`` (the stream ends);
             ignored when `num_epochs` is given explicitly.
         longdoc_min_length: shortest chunk/target of the long documents (fine-web uses ``rule.min_length``).
-        dump, val_docs, val_size, train_start, max_train_docs, cache_dir, text_field, on_bad_line: fine-web options
-            (`FineWebDataModule`); validation uses the fine-web held-out documents.
+        dump, val_docs, val_size, train_start, max_train_docs, cache_dir, text_field, on_bad_line, on_bad_file:
+            fine-web options (`FineWebDataModule`); validation uses the fine-web held-out documents.
         **kwargs: `SampleDataModule` options (rule, seed, num_workers, num_epochs, shuffle, vocab_size, ...).
+            A rule that names no ``pipeline`` gets ``stage2_3`` (the repeat label is drawn after the split).
     """
 
     def __init__(self, fineweb: str | Path | None, buckets: str | Path | None, tokenizer: str | Path | Any, *,
                  ratios: str | dict[str, float] = "stage2", on_exhausted: str = "cycle", longdoc_min_length: int = 384,
                  dump: str | None = DEFAULT_DUMP, val_docs: int = 50_000, val_size: int = 1_000, train_start: int = 0,
                  max_train_docs: int | None = None, cache_dir: str | Path | None = None, text_field: str = "text",
-                 on_bad_line: str = "error", progress: bool = True, **kwargs: Any):
+                 on_bad_line: str = "error", on_bad_file: str = "error", progress: bool = True, **kwargs: Any):
         if on_exhausted not in ON_EXHAUSTED:
             raise ValueError(f"on_exhausted={on_exhausted!r}: expected one of {sorted(ON_EXHAUSTED)}")
         kwargs.setdefault("num_epochs", ON_EXHAUSTED[on_exhausted])
+        kwargs["rule"] = SampleRule.from_any(kwargs.get("rule"), pipeline="stage2_3")  # the official stream's order
         super().__init__(tokenizer, **kwargs)
         self.ratios = resolve_ratios(ratios)
         self.on_exhausted, self.longdoc_min_length = on_exhausted, longdoc_min_length
@@ -88,7 +91,7 @@ class MixtureDataModule(TokenizedDataModule):
             self.fineweb = FineWebDataModule(
                 fineweb, self._tokenizer_arg, dump=dump, text_field=text_field, val_docs=val_docs,
                 val_size=val_size, train_start=train_start, max_train_docs=max_train_docs, cache_dir=cache_dir,
-                on_bad_line=on_bad_line, progress=progress, rule=self.rule, seed=self.seed)
+                on_bad_line=on_bad_line, on_bad_file=on_bad_file, progress=progress, rule=self.rule, seed=self.seed)
 
     def prepare_data(self) -> None:
         if self.fineweb is not None:
