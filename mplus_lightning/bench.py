@@ -1,4 +1,4 @@
-"""Inference benchmark and profiler for M+ (DESIGN.md §5, research/model.md §10-11).
+"""Inference benchmark and profiler for M+.
 
     python -m mplus_lightning.bench inference [--shape mid|tiny|8b] [--device cpu|cuda] [--dtype float32|bfloat16]
                                               [--threads 2] [--repeats R] [--out FILE.json]
@@ -18,7 +18,8 @@
   * memory     peak RSS (CPU) or torch.cuda.max_memory_allocated per operation (CUDA; the 8b shape prints the paper's
                21.2 GB beside it).
 `profile` runs torch.profiler over inject / prefill / generate with labelled regions (memory-prefix K/V, retrieval,
-attention, MLP, lm_head, commit, ...) and prints where the time goes.
+attention, MLP, lm_head, commit, ...) and prints where the time goes. The labels are in the model code
+(`mplus_lightning.model.profiling.region`); attention and MLP, transformers' modules, get them from forward hooks.
 
 Shapes: `tiny` (seconds, for tests), `mid` (8 layers, d=256, the default: about a minute on 2 idle CPU cores) and `8b`
 (Llama-3.1-8B sizes with random weights; CUDA + bfloat16 only).
@@ -33,7 +34,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import platform
@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 import torch
 
-from .model import mplus as mplus_module
+from .model import profiling
 from .model import retriever as retriever_module
 from .model.configuration import MPlusConfig
 from .model.memory import LongTermMemory, MemoryState
@@ -55,7 +55,7 @@ from .model.mplus import MPlus
 from .model.retriever import mean_sigmoid_scores, select_oldest_first
 
 PAPER_8B_GPU_MB = 21177.76
-"""M+ (no offload) peak GPU memory during LongBook inference, paper Table 1 (research/eval.md §2.2), in MiB."""
+"""M+ (no offload) peak GPU memory during LongBook inference, paper Table 1, in MiB."""
 
 FIRST_TOKEN = 3
 """Benchmark token ids are drawn from [3, vocab): never pad (0), BOS (1) or EOS (2)."""
@@ -109,7 +109,7 @@ class Shape:
                      head_dim=self.head_dim, max_position_embeddings=self.max_positions, rms_norm_eps=1e-5,
                      rope_theta=self.rope_theta, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
         return MPlusConfig(llama=llama, num_tokens=self.num_tokens, num_blocks=self.stm_blocks + self.ltm_blocks,
-                           num_ltm_blocks=self.ltm_blocks, selector_hidden_dim=self.selector_width,
+                           num_ltm_blocks=self.ltm_blocks, add_selector=True, selector_hidden_dim=self.selector_width,
                            lora_r=self.lora_r, lora_alpha=2 * self.lora_r, lora_dropout=0.0,
                            add_encoder_retriever=False, ltm_capacity=ltm_capacity)
 
@@ -588,21 +588,23 @@ def check_shape_device(shape: Shape, device: torch.device, dtype: torch.dtype) -
 
 # ---- profiling ------------------------------------------------------------------------------------------------------
 REGIONS = {
-    # label: (owner, attribute, parent label or None)
-    "memory_kv": (mplus_module.MemoryDecoderLayer, "memory_kv", None),
-    "read_prefix": (MPlus, "_read_prefix", None),
-    "retrieval.scores": (mplus_module, "mean_sigmoid_scores", "read_prefix"),
-    "retrieval.select": (mplus_module, "select_oldest_first", "read_prefix"),
-    "mask": (mplus_module, "bottom_right_causal_mask", None),
-    "attention": ("transformers.models.llama.modeling_llama", "LlamaAttention.forward", None),
-    "mlp": ("transformers.models.llama.modeling_llama", "LlamaMLP.forward", None),
-    "lm_head": (MPlus, "_logits", None),
-    "newest_block": (MemoryState, "newest_block", None),
-    "commit": (MemoryState, "commit", None),
-    "commit.ltm_keys": (MPlus, "ltm_keys", "commit"),
-    "commit.ltm_add": (LongTermMemory, "add", "commit"),
-    "commit.sample_evictions": (MemoryState, "sample_evictions", "commit"),
+    # label: the region it sits in (None: top level)
+    "memory_kv": None,
+    "read_prefix": None,
+    "retrieval.scores": "read_prefix",
+    "retrieval.select": "read_prefix",
+    "mask": None,
+    "attention": None,
+    "mlp": None,
+    "lm_head": None,
+    "newest_block": None,
+    "commit": None,
+    "commit.ltm_keys": "commit",
+    "commit.ltm_add": "commit",
+    "commit.sample_evictions": "commit",
 }
+HOOKED_REGIONS = {"attention": "self_attn", "mlp": "mlp"}
+"""Regions marked by forward hooks on each decoder layer's submodule of that name (transformers' code, not ours)."""
 REGION_DOCS = {
     "memory_kv": "RMSNorm + k/v projection (+ LoRA) + RoPE of the memory prefix rows (BOS, retrieved LTM, STM)",
     "read_prefix": "building a layer's read prefix: retrieval, gather of K0 rows, concatenation with the STM",
@@ -614,57 +616,41 @@ REGION_DOCS = {
 }
 
 
+def hook_region(module: torch.nn.Module, label: str) -> list:
+    """Mark every forward of `module` as the region `label`; returns the hook handles (`.remove()` them)."""
+    running: list[profiling.region] = []
+
+    def enter(_module, _args):
+        running.append(profiling.region(label))
+        running[-1].__enter__()
+
+    def leave(_module, _args, _output):
+        running.pop().__exit__(None, None, None)
+
+    return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+
+
 @contextlib.contextmanager
-def labelled_regions(cpu_ms: dict[str, float] | None = None):
-    """Wrap model functions in torch.profiler.record_function labels for the duration (no source edits).
+def labelled_regions(model: MPlus, cpu_ms: dict[str, float] | None = None):
+    """Hooks that label attention and MLP of `model`'s decoder layers for the duration (the other regions are
+    labelled in the model code).
 
     With `cpu_ms`, also add each region's CPU time of the calling thread (time.thread_time, inclusive) to it: with one
     torch thread that is all the work, and unlike wall time it does not count time the process was descheduled.
     """
-    import importlib
-    patched = []
-    acc = cpu_ms if cpu_ms is not None else {}
-
-    @contextlib.contextmanager
-    def region(label):
-        start = time.thread_time()
-        with torch.profiler.record_function(label):
-            yield
-        acc[label] = acc.get(label, 0.0) + (time.thread_time() - start) * 1e3
-
+    handles = []
     try:
-        for label, (owner, attr, _) in REGIONS.items():
-            if isinstance(owner, str):
-                owner = importlib.import_module(owner)
-            *path, name = attr.split(".")
-            for part in path:
-                owner = getattr(owner, part, None)
-            if owner is None or not hasattr(owner, name):   # the model code moved on: skip the label
-                continue
-            original = owner.__dict__[name] if name in getattr(owner, "__dict__", {}) else getattr(owner, name)
-            is_static = isinstance(original, (staticmethod, classmethod))
-            func = original.__func__ if is_static else original
-
-            if label == "read_prefix":   # returns a closure that runs later, inside the layer: label the closure
-                def wrapped(*args, __f=func, **kwargs):
-                    inner = __f(*args, **kwargs)
-
-                    def prefix(*a, **k):
-                        with region("read_prefix"):
-                            return inner(*a, **k)
-                    return prefix
-            else:
-                def wrapped(*args, __f=func, __label=label, **kwargs):
-                    with region(__label):
-                        return __f(*args, **kwargs)
-
-            functools.update_wrapper(wrapped, func)
-            setattr(owner, name, type(original)(wrapped) if is_static else wrapped)
-            patched.append((owner, name, original))
-        yield
+        for layer in model.layers:
+            for label, name in HOOKED_REGIONS.items():
+                handles += hook_region(getattr(layer, name), label)
+        if cpu_ms is None:
+            yield
+        else:
+            with profiling.thread_cpu_times(cpu_ms):
+                yield
     finally:
-        for owner, name, original in reversed(patched):
-            setattr(owner, name, original)
+        for handle in handles:
+            handle.remove()
 
 
 def region_times(events, calls: int, thread_cpu_ms: dict[str, float]) -> dict[str, dict]:
@@ -679,7 +665,7 @@ def region_times(events, calls: int, thread_cpu_ms: dict[str, float]) -> dict[st
         if e.key in REGIONS and e.device_type == DeviceType.CPU:
             regions[e.key] = {"ms_per_call": _num(e.cpu_time_total / 1e3 / calls), "calls": e.count // calls,
                               "thread_cpu_ms_per_call": _num(thread_cpu_ms.get(e.key, 0.0) / calls),
-                              "inside": REGIONS[e.key][2]}
+                              "inside": REGIONS[e.key]}
     return regions
 
 
@@ -712,7 +698,7 @@ def run_profile(shape: Shape, device: torch.device, dtype: torch.dtype, threads:
         clock.time(fn)
         plain = [clock.time(fn)[0] for _ in range(calls)]
         cpu_ms: dict[str, float] = {}
-        with labelled_regions(cpu_ms), profile(activities=activities) as prof:
+        with labelled_regions(model, cpu_ms), profile(activities=activities) as prof:
             start, cpu_start = time.perf_counter(), time.thread_time()
             for _ in range(calls):
                 fn()

@@ -1,10 +1,13 @@
-"""The evaluation configs: experiments/eval_*.yaml hold exactly the defaults; precedence; errors name the key."""
+"""The evaluation configs: experiments/eval_*.yaml hold exactly the defaults; precedence; errors name the key;
+every key documented (--describe, commented --print-config)."""
 
 import dataclasses
 
 import pytest
 
 from mplus_lightning.eval.config import TASKS, ConfigError, default_yaml, load_config
+from mplus_lightning.evaluate import main
+from mplus_lightning.typed_config import field_docs
 
 
 @pytest.mark.parametrize("task", sorted(TASKS))
@@ -43,3 +46,32 @@ def test_config_errors_name_the_key(tmp_path):
         load_config("cost", bad, ["model=m"])
     with pytest.raises(ConfigError, match="unknown task"):
         load_config("perplexity")
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_every_eval_config_field_has_a_docstring(task):
+    docs = field_docs(TASKS[task])
+    assert [f.name for f in dataclasses.fields(TASKS[task]) if not docs.get(f.name)] == []
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+def test_print_config_is_commented_yaml_that_loads_back(task, tmp_path, capsys):
+    assert main([task, "--print-config", "--model", "m", "seed=7"]) == 0
+    printed = capsys.readouterr().out
+    lines = printed.splitlines()
+    assert lines[lines.index("model: m") - 1].startswith("# Model directory"), "each key sits under its docstring"
+    (tmp_path / "printed.yaml").write_text(printed)
+    again = load_config(task, tmp_path / "printed.yaml", use_default_yaml=False)
+    assert again == load_config(task, overrides=["model=m", "seed=7"]) and again.seed == 7
+
+
+def test_describe_lists_a_task_config(capsys):
+    assert main(["retention", "--describe"]) == 0
+    out = capsys.readouterr().out
+    assert "max_new_tokens: int = 10\n    Greedy tokens generated per answer" in out
+    assert "model: str = (required)" in out
+    assert main(["longbench", "--describe", "max_new_tokens"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("max_new_tokens: dict[str, int] = {") and "subsets" not in out
+    assert main(["cost", "--describe", "distances"]) == 2
+    assert "no config key or group 'distances'" in capsys.readouterr().err

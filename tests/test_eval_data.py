@@ -1,5 +1,5 @@
 """Readers of the evaluation data in their real on-disk formats, distractor construction and the long-context input
-builder (research/eval.md §3, targets 11 and 14)."""
+builder."""
 
 import json
 import random
@@ -9,12 +9,12 @@ import pytest
 from tests.test_eval_fixtures import (nq_dev_line, nq_train_line, squad_json, write_event_qa, write_jsonl,
                                       write_longbench, write_longbook, write_squad)
 
-from mplus_lightning.data.longbench import (MAX_NEW_TOKENS, PROMPTS, QA_SUBSETS, build_long_input, fill,
-                                            load_prompts, read_longbench, truncate)
-from mplus_lightning.data.longbook import read_event_qa, read_longbook_qa
-from mplus_lightning.data.retention import (build_distractors, load_retention_set, read_nq, read_processed,
-                                            read_squad)
-from mplus_lightning.eval.io import DataFormatError
+from mplus_lightning.data.files import DataFormatError
+from mplus_lightning.eval.data.longbench import (MAX_NEW_TOKENS, PROMPTS, QA_SUBSETS, build_long_input, fill,
+                                                 load_prompts, read_longbench, truncate)
+from mplus_lightning.eval.data.longbook import read_event_qa, read_longbook_qa
+from mplus_lightning.eval.data.retention import (build_distractors, load_retention_set, read_nq, read_processed,
+                                                 read_squad)
 
 
 def words(text):  # a whitespace "tokenizer" with one id per word
@@ -81,7 +81,7 @@ def test_nq_malformed_line_names_file_and_line(tmp_path):
     write_jsonl(p, [nq_dev_line(0, "q", ["a", "b"], (0, 1))])
     with open(p, "a") as f:
         f.write('{"question_text": "broken", \n')
-    with pytest.raises(DataFormatError, match=r"nq-dev-all.jsonl:2: malformed JSON line"):
+    with pytest.raises(DataFormatError, match=r"nq-dev-all.jsonl:2: malformed JSON"):
         read_nq(p)
     write_jsonl(p, [{"question_text": "q"}])
     with pytest.raises(DataFormatError, match=r"nq-dev-all.jsonl:1: missing field.*annotations"):
@@ -144,7 +144,7 @@ def test_longbook_qa_reader(tmp_path):
     with open(p, "a") as f:
         f.write(json.dumps({"id": 9, "context": "c", "question": "old style?", "answer": "x"}) + "\n")
         f.write("not json\n")
-    with pytest.raises(DataFormatError, match=r"longbook_qa_eng.jsonl:4: malformed JSON line"):
+    with pytest.raises(DataFormatError, match=r"longbook_qa_eng.jsonl:4: malformed JSON"):
         read_longbook_qa(p)
     write_jsonl(p, [{"id": 1, "context": "c", "input": "q", "answer": []}])
     with pytest.raises(DataFormatError, match=r":1: `answer` must be a non-empty list"):

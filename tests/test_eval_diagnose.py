@@ -4,9 +4,9 @@ import json
 
 import torch
 
-from mplus_lightning.eval.diagnose import find_rows, locate, pinned_retrieval
+from mplus_lightning.eval.diagnose import find_rows, locate, with_oracle_retrieval
 from mplus_lightning.evaluate import main
-from mplus_lightning.model import mplus
+from mplus_lightning.model.memory import LongTermMemory
 from tests.test_eval_retention import args, env  # noqa: F401  (the tiny checkpoint and SQuAD files)
 from tests.test_model import filled, random_ids
 
@@ -40,7 +40,7 @@ def test_rows_are_followed_into_the_long_term_memory(tiny_model):
             assert (mem.ltm.view(l)[0][j] == rows[l]).all(-1).any()
 
 
-def test_pinned_retrieval_reads_the_given_rows_and_then_unpins(tiny_model):
+def test_oracle_retrieval_reads_the_given_rows_and_leaves_the_memory_alone(tiny_model):
     K0 = tiny_model.config.ltm_read_rows
     mem = filled(tiny_model, chunks=8)
     q = random_ids(10)
@@ -50,15 +50,15 @@ def test_pinned_retrieval_reads_the_given_rows_and_then_unpins(tiny_model):
         others = [j for j in range(len(mem.ltm)) if j not in set(before[l, 0].tolist())]
         assert len(others) >= 3
         pinned.append(torch.tensor(others[:3]))
-    with pinned_retrieval(mem, pinned):
-        _, during = tiny_model.read(mem, q, return_retrieved=True)
+    oracle = with_oracle_retrieval(mem, pinned)
+    _, during = tiny_model.read(oracle, q, return_retrieved=True)
     for l in range(mem.num_layers):
         assert set(pinned[l].tolist()) <= set(during[l, 0].tolist()) and during.shape[-1] == K0
         ages = mem.ltm.view(l)[2][during[l, 0]]
         assert bool((ages[:-1] >= ages[1:]).all()), "still oldest first"
     _, after = tiny_model.read(mem, q, return_retrieved=True)
     assert torch.equal(after, before)
-    assert mplus.select_oldest_first.__module__ == "mplus_lightning.model.retriever"
+    assert type(mem.ltm) is LongTermMemory and oracle.ltm.rows is mem.ltm.rows   # mem untouched; no copy made
 
 
 def test_diagnose_records_where_the_context_rows_are(env, tmp_path):  # noqa: F811

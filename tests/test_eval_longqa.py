@@ -6,9 +6,9 @@ import time
 import pytest
 import torch
 
-from mplus_lightning.data.longbench import build_long_input
 from mplus_lightning.eval import runtime
 from mplus_lightning.eval.cost import PeakMemory
+from mplus_lightning.eval.data.longbench import build_long_input
 from mplus_lightning.eval.metrics import longbench_score, qa_f1
 from mplus_lightning.evaluate import main
 from tests.test_eval_fixtures import make_env, write_event_qa, write_longbench, write_longbook

@@ -1,4 +1,4 @@
-"""QA-F1 and exact hit on hand-worked cases (research/eval.md target 13)."""
+"""QA-F1 and exact hit on hand-worked cases."""
 
 import pytest
 import torch

@@ -1,6 +1,5 @@
 """Evaluation runtime: memory isolation between items, the MemoryLLM mode, and the plain-window backbone."""
 
-import pytest
 import torch
 from transformers import LlamaForCausalLM
 
@@ -62,7 +61,7 @@ def test_memoryllm_mode_reads_the_same_pool_without_the_long_term_memory():
     assert memory_view(mem, "mplus") is mem
     q = torch.tensor([ids(10, 3)])
     ref = mem.clone()
-    ref.ltm.size = 0
+    ref.ltm.clear()
     assert torch.allclose(model.read(view, q), model.read(ref, q))
     assert not torch.allclose(model.read(view, q), model.read(mem, q), atol=1e-4)   # the LTM does matter in M+ mode
     # The write pass never reads the long-term memory: the short-term pool evolves identically in both modes, which

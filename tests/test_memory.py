@@ -136,3 +136,41 @@ def test_corrupt_snapshot_is_rejected(tmp_path):
 def test_delta_with_wrong_shape_is_rejected():
     with pytest.raises(ValueError, match=r"delta has shape \(3, 2, 4\)"):
         pool().commit(torch.zeros(L, 2, D))
+
+
+def filled_ltm_pool():
+    mem = pool(ltm_capacity=100)
+    g = torch.Generator().manual_seed(0)
+    for i in range(4):
+        mem.commit(torch.full((L, K, D), -1.0 - i), keys_fn=fake_keys, generator=g)
+    assert mem.ltm.size == 4 * K
+    return mem
+
+
+def test_with_empty_ltm_shares_the_pool_and_carries_an_empty_long_term_memory_of_the_same_shape():
+    mem = filled_ltm_pool()
+    view = mem.with_empty_ltm()
+    assert view.rows is mem.rows and view.ranks is mem.ranks and view.ages is mem.ages
+    assert view.ltm.size == 0 and mem.ltm.size == 4 * K
+    assert (view.ltm.num_layers, view.ltm.hidden_size, view.ltm.key_size, view.ltm.capacity) == (L, D, S, 100)
+    assert pool().with_empty_ltm().ltm is None
+
+
+def test_ltm_clear_forgets_every_row_and_takes_new_ones():
+    mem = filled_ltm_pool()
+    mem.ltm.clear()
+    assert len(mem.ltm) == 0 and mem.ltm.view(0)[0].shape == (0, D)
+    mem.commit(torch.zeros(L, K, D), keys_fn=fake_keys, generator=torch.Generator().manual_seed(1))
+    assert mem.ltm.size == K and (mem.ltm.ages[:, :K] >= K).all()
+
+
+def test_ltm_retrieve_takes_the_best_scoring_rows_oldest_first():
+    mem = filled_ltm_pool()
+    keys = mem.ltm.view(1)[1]
+    queries = keys[[2, 7]].mean(0, keepdim=True)[None]               # [1, 1, S]: close to rows 2 and 7
+    idx = mem.ltm.retrieve(1, queries, 4)
+    scores = mem.ltm.scores(1, queries)
+    assert idx.shape == (1, 4) and set(idx[0].tolist()) == set(scores[0].topk(4).indices.tolist())
+    ages = mem.ltm.view(1)[2][idx[0]]
+    assert bool((ages[:-1] >= ages[1:]).all()), "oldest first"
+    assert mem.ltm.retrieve(1, queries, 100).shape == (1, 4 * K)     # fewer rows than asked: all of them

@@ -1,17 +1,19 @@
 """Typed configuration of the four evaluations (OmegaConf structured dataclasses).
 
 Precedence: the dataclass defaults <- `experiments/eval_<task>.yaml` (or `--config FILE`) <- the command-line flags
-(`--model`, `--data`, ...) <- `key=value` overrides. Unknown keys and ill-typed values are errors that name the key.
+(`--model`, `--data`, ...) <- `key=value` overrides. Unknown keys and ill-typed values are errors that name the key
+(the run config's loader, `typed_config.merge`). `mplus-evaluate TASK --describe` prints each key's docstring.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 from omegaconf import MISSING, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+
+from ..typed_config import ConfigError, describe, merge, parse_overrides, read_yaml, to_commented_yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,6 +71,7 @@ class RetentionConfig(CommonConfig):
     """Default per dataset: 'Questions: {question} Answer:' (squad), 'Questions: {question}? Answer:' (nq),
     'Question: {question} Answer:' (processed)."""
     max_new_tokens: int = 10
+    """Greedy tokens generated per answer (official: 10); the answer is scored up to the first EOS."""
     modes: list[str] = field(default_factory=lambda: ["mplus", "memoryllm"])
     """mplus: read with the long-term memory; memoryllm: read the short-term pool only (same injections)."""
     borderline: bool = True
@@ -87,6 +90,8 @@ class LongContextConfig(CommonConfig):
     chunk_tokens: int = 512
     """Injected chunk size."""
     min_chunk_tokens: int = 16
+    """An oldest chunk shorter than this is merged into the next one instead of written alone (short writes disturb
+    the memory; the official README's minimum is 16)."""
     truncation: str = "tail"
     """tail (MemoryLLM scripts) or middle (official LongBench) when the prompt exceeds max_length."""
     prefill_block: int = 2048
@@ -98,12 +103,13 @@ class LongContextConfig(CommonConfig):
 @dataclass
 class LongBookConfig(LongContextConfig):
     task: str = "qa"
-    """qa (longbook_qa_eng.jsonl) or event_qa (a user-supplied Event-QA file, see data/longbook.py)."""
+    """qa (longbook_qa_eng.jsonl) or event_qa (a user-supplied Event-QA file, see eval/data/longbook.py)."""
     max_length: Optional[int] = None
     """Truncate the prompt to this many tokens; None = the whole book goes through memory."""
     baseline_max_length: int = 16_384
     """The window baseline reads the last this-many tokens (Llama-3.1-8B-16k in the paper)."""
     max_new_tokens: int = 40
+    """Greedy tokens generated per answer."""
     template: Optional[str] = None
     """Prompt with {context} and {question} (qa) or {context}, {past_events}, {options} (event_qa)."""
     event_scoring: str = "letter"
@@ -114,12 +120,14 @@ class LongBookConfig(LongContextConfig):
 class LongBenchConfig(LongContextConfig):
     subsets: list[str] = field(default_factory=lambda: ["2wikimqa", "hotpotqa", "qasper", "musique",
                                                         "multifieldqa_en", "narrativeqa"])
+    """LongBench subsets to evaluate, each a <subset>.jsonl under `data` (the paper's six QA subsets)."""
     max_length: Optional[int] = 8192
     """8192 or 16384 in the paper (Tables 2-3)."""
     baseline_max_length: Optional[int] = None
     """The window baseline's input length; None = max_length."""
     max_new_tokens: dict[str, int] = field(default_factory=lambda: {
         "narrativeqa": 128, "qasper": 128, "multifieldqa_en": 64, "hotpotqa": 32, "2wikimqa": 32, "musique": 32})
+    """Greedy tokens generated per answer, per subset (official LongBench's dataset2maxlen)."""
     prompts: Optional[str] = None
     """A dataset2prompt.json-style file overriding the official templates."""
 
@@ -129,9 +137,12 @@ class CostConfig(CommonConfig):
     lengths: list[int] = field(default_factory=lambda: [16_384, 32_768, 65_536, 131_072])
     """Input lengths in tokens."""
     methods: list[str] = field(default_factory=lambda: ["mplus", "memoryllm", "window"])
+    """mplus, memoryllm (long-term memory emptied after every write, so it never grows) and window (the backbone
+    alone over the whole input)."""
     window_tokens: int = 2048
     """Memory models inject length - window tokens, then predict the last token from window - 1 tokens."""
     chunk_tokens: int = 512
+    """Injected chunk size."""
     prefill_block: int = 2048
     """The window baseline processes its input in blocks of this many tokens (same result, bounded mask size)."""
     repeats: int = 1
@@ -142,10 +153,6 @@ class CostConfig(CommonConfig):
 
 TASKS: dict[str, type] = {"retention": RetentionConfig, "longbook": LongBookConfig, "longbench": LongBenchConfig,
                           "cost": CostConfig}
-
-
-class ConfigError(ValueError):
-    """A configuration key or value is wrong; the message names it."""
 
 
 def default_yaml(task: str) -> Path:
@@ -159,48 +166,25 @@ def load_config(task: str, yaml_path: str | Path | None = None, overrides: list[
     """The resolved config object (a dataclass instance) of `task`."""
     if task not in TASKS:
         raise ConfigError(f"unknown task {task!r}; choose from {sorted(TASKS)}")
-    schema = TASKS[task]
-    cfg = OmegaConf.structured(schema)
-    sources: list[tuple[str, Any]] = []
     if yaml_path is None and use_default_yaml and default_yaml(task).is_file():
         yaml_path = default_yaml(task)
-    if yaml_path is not None:
-        yaml_path = Path(yaml_path)
-        if not yaml_path.is_file():
-            raise ConfigError(f"config file {yaml_path} does not exist")
-        try:
-            sources.append((str(yaml_path), OmegaConf.load(yaml_path)))
-        except Exception as e:  # yaml errors come in several types
-            raise ConfigError(f"{yaml_path}: not valid YAML ({e})") from None
+    sources = [read_yaml(yaml_path)] if yaml_path is not None else []
     if flags:
         sources.append(("command-line flags", OmegaConf.create({k: v for k, v in flags.items() if v is not None})))
-    bad = [o for o in overrides if "=" not in o]
-    if bad:
-        raise ConfigError(f"overrides must look like key=value, got {bad}")
     if overrides:
-        sources.append(("key=value overrides", OmegaConf.from_dotlist(list(overrides))))
-    valid = ", ".join(f.name for f in fields(schema))
-    for name, src in sources:
-        try:
-            cfg = OmegaConf.merge(cfg, src)
-        except OmegaConfBaseException as e:
-            key = getattr(e, "full_key", None) or getattr(e, "key", None)
-            what = "unknown key" if " not in " in str(e) else "bad value for key"
-            raise ConfigError(f"{name}: {what} {key!r} of the {task} config ({_short(e)}); valid keys: "
-                              f"{valid}") from None
-    try:
-        obj = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None) or getattr(e, "key", None)
-        if "missing mandatory value" in str(e).lower():
-            raise ConfigError(f"the {task} evaluation needs `{key}` (e.g. --{key} DIR)") from None
-        raise ConfigError(f"{task} config key {key!r}: {_short(e)}") from None
-    return obj
+        sources.append(parse_overrides(overrides))
+    return merge(TASKS[task], sources, what=f"{task} config", missing_hint="--{key} DIR")
 
 
-def _short(e: Exception) -> str:
-    return str(e).split("\n")[0]
+def describe_fields(task: str, key: str | None = None) -> str:
+    """Every key of `task`'s config (or just `key`) with type, default and docstring."""
+    return describe(TASKS[task], key)
 
 
 def to_dict(cfg) -> dict:
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def to_yaml(cfg) -> str:
+    """The resolved config as YAML, each key under a comment with its docstring (`load_config` reads it back)."""
+    return to_commented_yaml(cfg)

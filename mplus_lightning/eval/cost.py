@@ -1,5 +1,5 @@
 """Cost of one long input: peak memory and latency of M+, MemoryLLM mode and the plain-window backbone
-(research/eval.md §2.2 Table 1, §2.5 Fig. 7; targets 16-18).
+(the M+ paper's Table 1 and Fig. 7).
 
 Protocol of the paper's latency figure: for an input of n tokens, the memory models inject n - window tokens
 (in `chunk_tokens` chunks) and then predict the next token from the last window - 1 tokens; the backbone runs over

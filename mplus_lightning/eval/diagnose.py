@@ -2,7 +2,7 @@
 
 At every scoring point of an item, where are the rows its context wrote: still in the short-term pool, moved to
 the long-term memory, and of those, how many did each layer's retrieval pick for the question? And would the reader
-answer if the retrieval were an oracle, i.e. put the context's long-term rows first (`pinned_retrieval`)?
+answer if the retrieval were an oracle, i.e. put the context's long-term rows first (`with_oracle_retrieval`)?
 
 This is how the CPU demo's retriever problem was found (README): 78 tokens after a fact, its model answered 12%, 57%
 with an oracle retrieval, while each layer's retrieval picked 0.2 of the fact's 5.6 long-term rows. Rows are
@@ -12,12 +12,9 @@ context, and one read and one generation per scoring point.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
-from ..model.memory import MemoryState
+from ..model.memory import LongTermMemory, MemoryState
 from .runtime import generate_ids
 
 
@@ -48,15 +45,26 @@ def locate(memory: MemoryState, rows: torch.Tensor) -> tuple[list[int], list[tor
     return in_stm, in_ltm
 
 
-@contextlib.contextmanager
-def pinned_retrieval(memory: MemoryState, pinned: list[torch.Tensor]) -> Iterator[None]:
-    """Every read of `memory` inside retrieves, per layer l, its long-term rows `pinned[l]` first (up to the K0 it
-    reads), the rest by score as usual: the oracle retrieval (`LongTermMemory.pinned`)."""
-    memory.ltm.pinned = pinned
-    try:
-        yield
-    finally:
-        memory.ltm.pinned = None
+class PinnedLongTermMemory(LongTermMemory):
+    """A long-term memory sharing the rows, keys and ages of `ltm` (for reading only) whose retrieval takes, per layer
+    l, the rows `pinned[l]` first (up to the k it reads) and the rest by score as usual; still ordered oldest first."""
+
+    def __init__(self, ltm: LongTermMemory, pinned: list[torch.Tensor]):
+        self.capacity, self.size = ltm.capacity, ltm.size
+        self.rows, self.keys, self.ages = ltm.rows, ltm.keys, ltm.ages
+        self.pinned = pinned
+
+    def scores(self, layer: int, queries: torch.Tensor) -> torch.Tensor:
+        scores = super().scores(layer, queries)
+        return scores.index_fill(1, self.pinned[layer].to(scores.device), float("inf"))
+
+
+def with_oracle_retrieval(memory: MemoryState, pinned: list[torch.Tensor]) -> MemoryState:
+    """`memory` (the same tensors, for reading only) whose reads retrieve, per layer l, its long-term rows `pinned[l]`
+    first: the oracle retrieval."""
+    return MemoryState(rows=memory.rows, ranks=memory.ranks, ages=memory.ages, num_tokens=memory.num_tokens,
+                       ltm=PinnedLongTermMemory(memory.ltm, pinned), initialized=memory.initialized,
+                       kv_store=memory.kv_store)
 
 
 def diagnose_point(model, memory: MemoryState, context_rows: torch.Tensor, q_ids: list[int], max_new_tokens: int,
@@ -72,8 +80,7 @@ def diagnose_point(model, memory: MemoryState, context_rows: torch.Tensor, q_ids
     if picked is not None:
         for l in range(memory.num_layers):
             retrieved[l] = int(torch.isin(picked[l, 0], in_ltm[l].to(picked.device)).sum())
-    with pinned_retrieval(memory, in_ltm):
-        oracle = score(generate_ids(model, memory, q_ids, max_new_tokens))
+    oracle = score(generate_ids(model, with_oracle_retrieval(memory, in_ltm), q_ids, max_new_tokens))
     return {"rows_in_stm": [n / R for n in in_stm], "rows_in_ltm": [len(i) / R for i in in_ltm],
             "rows_retrieved": [n / R for n in retrieved],
             "oracle_exact_hit": oracle["exact_hit"], "oracle_qa_f1": oracle["qa_f1"]}

@@ -1,64 +1,14 @@
-"""File helpers shared by the evaluation readers and runners: JSON Lines in and out, and the per-item result log
-that lets an interrupted evaluation resume where it stopped."""
+"""Writing evaluation results: JSON written atomically, and the per-item result log that lets an interrupted
+evaluation resume where it stopped. (Reading inputs: `mplus_lightning.data.files`.)"""
 
 from __future__ import annotations
 
-import gzip
-import io
 import json
 import os
-from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-
-try:  # one exception type for every data reader of the project
-    from ..data.stream import DataFormatError
-except ImportError:  # pragma: no cover - the training data package is always there in this repository
-    class DataFormatError(ValueError):
-        """An input file is not in the expected format; the message names the file (and line)."""
-
-
-def open_text(path: str | Path) -> io.TextIOBase:
-    """Open a text file for reading, transparently decompressing `.gz`."""
-    path = Path(path)
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-def iter_jsonl(path: str | Path) -> Iterator[tuple[int, Any]]:
-    """(line number, object) for every non-blank line of a JSON Lines file (optionally .gz).
-
-    A line that is not valid JSON raises DataFormatError naming the file and the line.
-    """
-    path = Path(path)
-    with open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{path}:{lineno}: malformed JSON line ({e.msg} at column {e.colno})") from None
-
-
-def load_json(path: str | Path) -> Any:
-    path = Path(path)
-    try:
-        with open_text(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataFormatError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno})") from None
-
-
-def require(obj: Any, fields: Iterable[str], where: str) -> None:
-    """Raise DataFormatError naming `where` (file:line) if `obj` is not an object holding every field."""
-    if not isinstance(obj, dict):
-        raise DataFormatError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    missing = [f for f in fields if f not in obj]
-    if missing:
-        raise DataFormatError(f"{where}: missing field(s) {missing}; present: {sorted(obj)}")
+from ..data.files import DataFormatError
 
 
 def write_json(path: str | Path, obj: Any) -> None:

@@ -1,4 +1,4 @@
-"""Long-context QA: LongBook QA / Event-QA (InfiniteBench) and LongBench (research/eval.md §2.1, §2.4, §3.2-3.4).
+"""Long-context QA: LongBook QA / Event-QA (InfiniteBench) and LongBench (paper Fig. 2, Tables 2-3).
 
 Per item the whole prompt (template with context and question) is tokenized and split by `build_long_input`: the
 tail stays in the generation window, the rest is injected into a copy of the checkpoint memory in chunks, oldest
@@ -21,13 +21,13 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..data.longbench import build_long_input, load_prompts, read_longbench, truncate
-from ..data.longbook import EVENT_TEMPLATE, LETTERS, QA_TEMPLATE, read_event_qa, read_longbook_qa
+from .data.longbench import build_long_input, load_prompts, longbench_files, read_longbench, truncate
+from .data.longbook import EVENT_TEMPLATE, LETTERS, QA_TEMPLATE, longbook_file, read_event_qa, read_longbook_qa
 from .config import LongBenchConfig, LongBookConfig, LongContextConfig
 from .io import write_json
 from .metrics import longbench_score, qa_f1
 from .runtime import (MODES, Backbone, EvalInputError, RunDir, decode, default_out, encode, generate_ids, inject,
-                      item_generator, load_checkpoint, load_tokenizer, memory_view, resolve_device, resolve_dtype,
+                      item_generator, load_checkpoint, load_eval_tokenizer, memory_view, resolve_device, resolve_dtype,
                       start_memory)
 
 METHODS = (*MODES, "window")
@@ -52,7 +52,7 @@ def _setup(cfg: LongContextConfig, model, memory, tokenizer):
         device = resolve_device(cfg.device)
         model, memory = load_checkpoint(cfg.model, device, resolve_dtype(cfg.dtype, device))
     if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+        tokenizer = load_eval_tokenizer(cfg, model)
     methods = list(dict.fromkeys(cfg.methods))
     if not model.config.has_ltm and "mplus" in methods:
         methods = [m for m in methods if m != "mplus"] or ["memoryllm"]
@@ -75,7 +75,8 @@ def run_longbench(cfg: LongBenchConfig, *, model=None, memory=None, tokenizer=No
     baseline = cfg.baseline_max_length or cfg.max_length
     fp = dict(data=str(cfg.data), prompts={s: prompts[s] for s in data}, max_length=cfg.max_length,
               baseline_max_length=baseline, max_new_tokens=dict(cfg.max_new_tokens))
-    return _run(cfg, "longbench", work, fp, cfg.max_length, baseline, model, memory, tokenizer)
+    return _run(cfg, "longbench", work, fp, cfg.max_length, baseline, model, memory, tokenizer,
+                data_files=longbench_files(cfg.data, list(data)))
 
 
 def run_longbook(cfg: LongBookConfig, *, model=None, memory=None, tokenizer=None) -> dict:
@@ -99,17 +100,18 @@ def run_longbook(cfg: LongBookConfig, *, model=None, memory=None, tokenizer=None
     fp = dict(data=str(cfg.data), task=cfg.task, template=template, max_length=cfg.max_length,
               baseline_max_length=cfg.baseline_max_length, max_new_tokens=cfg.max_new_tokens,
               event_scoring=cfg.event_scoring)
-    return _run(cfg, "longbook", work, fp, cfg.max_length, cfg.baseline_max_length, model, memory, tokenizer)
+    return _run(cfg, "longbook", work, fp, cfg.max_length, cfg.baseline_max_length, model, memory, tokenizer,
+                data_files={"data": longbook_file(cfg.data, cfg.task)})
 
 
 def _run(cfg: LongContextConfig, task: str, work: list[Work], fp: dict, max_length, baseline_max_length,
-         model, memory, tokenizer) -> dict:
+         model, memory, tokenizer, data_files: dict) -> dict:
     model, memory, tok, methods = _setup(cfg, model, memory, tokenizer)
     fp.update(model=str(cfg.model), tokenizer=str(cfg.tokenizer or cfg.model), window_tokens=cfg.window_tokens,
               chunk_tokens=cfg.chunk_tokens, min_chunk_tokens=cfg.min_chunk_tokens, truncation=cfg.truncation,
               truncate_at_newline=cfg.truncate_at_newline, seed=cfg.seed, dtype=str(model.dtype))
     run = RunDir(cfg.out or default_out(task, cfg.model), task, cfg, fp, ("method", "subset", "id"),
-                 overwrite=cfg.overwrite)
+                 overwrite=cfg.overwrite, data_files=data_files)
     store = run.store
     backbone = Backbone(model, cfg.prefill_block)
     bos = model.llama.config.bos_token_id

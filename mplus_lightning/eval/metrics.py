@@ -1,4 +1,4 @@
-"""Answer metrics of the retention and long-context benchmarks (research/eval.md §3, target 13).
+"""Answer metrics of the retention and long-context benchmarks.
 
 * QA-F1 is the token-level F1 of LongBench / InfiniteBench: both strings are normalised (lowercase, punctuation
   removed, the articles a/an/the removed, whitespace collapsed), split on whitespace, and scored by the multiset

@@ -1,4 +1,4 @@
-"""Knowledge retention (research/eval.md §2.3, §3.1; targets 12 and 15).
+"""Knowledge retention (the M+ paper's Fig. 3 and 8: SQuAD and NQ against the tokens injected after the context).
 
 Per item: copy the checkpoint memory, inject the context (one chunk, truncated to `context_tokens`), then the same
 fixed list of distractors; each time at least `d` tokens have been injected after the context (d in `distances`),
@@ -8,8 +8,8 @@ MemoryLLM mode without. The borderline asks every question against the untouched
 
 Theory (MemoryLLM paper §4.5): after t-1 further writes a fraction ((N-K)/N)^(t-1) of a block survives in the
 short-term pool, so accuracy decays as a_t = a_b + (a_u - a_b) * ((N-K)/N)^(t-1), a_u = accuracy right after the
-context, a_b = borderline (eval.md quotes the part above the borderline, (a_u - a_b) * ((N-K)/N)^(t-1)). Here t-1 is
-the number of distractor injections, counted per scoring point.
+context, a_b = borderline (the paper writes only the part above the borderline, (a_u - a_b) * ((N-K)/N)^(t-1)).
+Here t-1 is the number of distractor injections, counted per scoring point.
 
 Outputs in `out`: items.jsonl (one line per item and mode, written as it finishes: a rerun resumes), results.json,
 retention.png, tensorboard/ (scalars retention/<dataset>/<mode>/<metric> with step = distance in tokens).
@@ -25,15 +25,15 @@ import warnings
 import torch
 from tqdm.auto import tqdm
 
-from ..data.longbench import fill
-from ..data.retention import DISTRACTOR_MIN_TOKENS, build_distractors, load_retention_set
+from .data.longbench import fill
+from .data.retention import DISTRACTOR_MIN_TOKENS, build_distractors, load_retention_set
 from . import plots
 from .config import RetentionConfig
 from .diagnose import diagnose_point, summarize_diagnostics
 from .io import write_json
 from .metrics import exact_hit, qa_f1
 from .runtime import (MODES, EvalInputError, RunDir, decode, default_out, encode, generate_ids, inject,
-                      item_generator, load_checkpoint, load_tokenizer, memory_view, resolve_device, resolve_dtype,
+                      item_generator, load_checkpoint, load_eval_tokenizer, memory_view, resolve_device, resolve_dtype,
                       start_memory)
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def run_retention(cfg: RetentionConfig, *, model=None, memory=None, tokenizer=No
     """Run (or resume) a retention evaluation; returns the summary also written to results.json."""
     if not cfg.data:
         raise EvalInputError("retention needs --data: a SQuAD, NQ or processed retention directory "
-                             "(see mplus_lightning/data/retention.py for the layouts)")
+                             "(see mplus_lightning/eval/data/retention.py for the layouts)")
     bad = [m for m in cfg.modes if m not in MODES]
     if bad or not cfg.modes:
         raise EvalInputError(f"modes must be a non-empty subset of {list(MODES)}, got {cfg.modes}")
@@ -62,7 +62,7 @@ def run_retention(cfg: RetentionConfig, *, model=None, memory=None, tokenizer=No
         device = resolve_device(cfg.device)
         model, memory = load_checkpoint(cfg.model, device, resolve_dtype(cfg.dtype, device))
     if tokenizer is None:
-        tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+        tokenizer = load_eval_tokenizer(cfg, model)
     bos = model.llama.config.bos_token_id
 
     def enc(text: str) -> list[int]:
@@ -96,7 +96,7 @@ def run_retention(cfg: RetentionConfig, *, model=None, memory=None, tokenizer=No
                        max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, dtype=str(model.dtype),
                        diagnose=cfg.diagnose)
     run = RunDir(cfg.out or default_out("retention", cfg.model), "retention", cfg, fingerprint, ("kind", "id"),
-                 overwrite=cfg.overwrite)
+                 overwrite=cfg.overwrite, data_files=rset.files)
     store = run.store
 
     def pending(item) -> list[str]:

@@ -5,10 +5,10 @@ Memory modes. Every item starts from a *copy* of the checkpoint's memory (never 
 part of the model). MemoryLLM mode on an M+ checkpoint means reading without the long-term memory. The write pass
 never looks at the long-term memory (it sees only the newest short-term block), and evictions use the same random
 draws either way, so the short-term pool evolves identically with or without it. We therefore inject once and read
-twice: `memory_view(mem, "memoryllm")` shares the short-term tensors and carries an *empty* LongTermMemory, which
-the read pass skips (so the prompt keeps its positions after the K0 reserved slots, as in M+). For cost runs, where
-the long-term memory's growth is what is measured, `inject(..., mode="memoryllm")` also empties it after every
-write (`ltm.size = 0`), so the store never grows.
+twice: `memory_view(mem, "memoryllm")` shares the short-term tensors and carries an *empty* LongTermMemory
+(`MemoryState.with_empty_ltm`), which the read pass skips (so the prompt keeps its positions after the K0 reserved
+slots, as in M+). For cost runs, where the long-term memory's growth is what is measured, `inject(...,
+mode="memoryllm")` also empties it after every write (`ltm.clear()`), so the store never grows.
 
 The window baseline is the backbone alone: the same HF decoder layers called with no adapter active (the base
 weights alone), no memory prefix, the BOS token at position 0, and ordinary causal
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import warnings
 from pathlib import Path
@@ -26,17 +27,25 @@ from typing import Any
 
 import torch
 
-from .. import LongTermMemory, MemoryState, MPlus
-from ..model.mplus import MemoryKVCache
+from ..data.files import DataFormatError
+from ..data.tokenizer import check_tokenizer, encode as encode, load_tokenizer as load_tokenizer  # the evaluations' too
+from ..model.decoding import decode_loop
+from ..model.memory import MemoryState
+from ..model.mplus import MemoryKVCache, MPlus
+from ..typed_config import ConfigError
 from .config import to_dict
+from .fingerprint import check_complete, fingerprints
 from .io import ResultStore, write_json
+
+log = logging.getLogger(__name__)
 
 BACKBONE_ADAPTER = None   # no adapter active: the layers run their base weights (MemoryDecoderLayer.forward)
 MODES = ("mplus", "memoryllm")
 
 
-class EvalInputError(ValueError):
-    """A user-facing problem with the inputs of an evaluation (paths, layouts, options)."""
+class EvalInputError(ConfigError):
+    """A user-facing problem with the inputs of an evaluation (paths, layouts, options); the CLI prints it as one
+    line."""
 
 
 # ---- devices and loading ----------------------------------------------------------------------------------------
@@ -68,6 +77,15 @@ def check_model_dir(path: str | Path) -> Path:
     if not (path / "config.json").is_file():
         raise EvalInputError(f"model directory {path} has no config.json: expected an M+ / MemoryLLM checkpoint "
                              "directory (config.json + model.safetensors or model.safetensors.index.json)")
+    # A truncated download or copy is named here; the loaders' own errors would not say which file it is.
+    for name in ("config.json", "model.safetensors.index.json", "memory/memory.json"):
+        if (path / name).is_file():
+            try:
+                json.loads((path / name).read_text(encoding="utf-8"))
+            except (ValueError, UnicodeDecodeError) as e:
+                raise DataFormatError(f"{path / name}: not valid JSON ({e}): a truncated copy? re-export or "
+                                      "re-download the model directory") from None
+    check_complete(path)
     return path
 
 
@@ -83,41 +101,13 @@ def load_checkpoint(path: str | Path, device: torch.device, dtype: torch.dtype) 
     return model, memory
 
 
-def load_tokenizer(path: str | Path):
-    """A tokenizer with `encode(text, add_special_tokens=False)` and `decode(ids)` from a directory or tokenizer.json.
-
-    A directory with tokenizer.json goes through the project's loader (`mplus_lightning.data.tokenizer`); one with
-    only tokenizer_config.json / tokenizer.model (a slow sentencepiece tokenizer) through AutoTokenizer.
-    """
-    path = Path(path)
-    if not path.exists():
-        raise EvalInputError(f"tokenizer path {path} does not exist: pass --tokenizer DIR (a Hugging Face tokenizer "
-                             "directory with tokenizer.json, e.g. the Llama-3.1-8B directory)")
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-    if path.is_file():
-        return PreTrainedTokenizerFast(tokenizer_file=str(path))
-    if (path / "tokenizer.json").is_file():
-        from ..data.tokenizer import load_tokenizer as project_loader
-        return project_loader(path)
-    if (path / "tokenizer_config.json").is_file() or (path / "tokenizer.model").is_file():
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    raise EvalInputError(f"no tokenizer in {path}: expected tokenizer.json (or tokenizer_config.json / "
-                         "tokenizer.model); pass --tokenizer PATH (e.g. the Llama-3.1-8B directory)")
-
-
-def encode(tok, text: str) -> list[int]:
-    """Token ids without special tokens (no BOS: every memory layer has its own). With a Hugging Face tokenizer,
-    special-token strings inside the text are encoded as plain text (as the training data is)."""
-    if callable(tok):
-        try:
-            return [int(i) for i in tok(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]]
-        except TypeError:
-            pass
-    try:
-        out = tok.encode(text, add_special_tokens=False)
-    except TypeError:
-        out = tok.encode(text)
-    return [int(i) for i in (out.ids if hasattr(out, "ids") else out)]
+def load_eval_tokenizer(cfg, model: MPlus) -> Any:
+    """The tokenizer of an evaluation (`cfg.tokenizer`, default the model directory), checked against the model's
+    vocabulary before the first item (an id past it would stop the run midway)."""
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
+    check_tokenizer(tokenizer, int(model.config.llama["vocab_size"]),
+                    fix="pass the model's own tokenizer with --tokenizer (or tokenizer=PATH)")
+    return tokenizer
 
 
 def decode(tok, ids: list[int]) -> str:
@@ -134,18 +124,14 @@ def memory_view(memory: MemoryState, mode: str) -> MemoryState:
         return memory
     if mode != "memoryllm":
         raise EvalInputError(f"memory mode must be one of {MODES}, got {mode!r}")
-    ltm = memory.ltm
-    empty = LongTermMemory(memory.num_layers, memory.hidden_size, ltm.key_size, ltm.capacity, dtype=memory.dtype,
-                           device=memory.device)
-    return MemoryState(rows=memory.rows, ranks=memory.ranks, ages=memory.ages, num_tokens=memory.num_tokens,
-                       ltm=empty, initialized=memory.initialized)
+    return memory.with_empty_ltm()
 
 
 def start_memory(base: MemoryState, mode: str = "mplus") -> MemoryState:
     """An independent copy of the checkpoint memory for one item (memoryllm: with an emptied long-term memory)."""
     mem = base.clone()
     if mode == "memoryllm" and mem.ltm is not None:
-        mem.ltm.size = 0
+        mem.ltm.clear()
     return mem
 
 
@@ -156,7 +142,7 @@ def inject(model: MPlus, memory: MemoryState, ids: list[int], generator: torch.G
         warnings.filterwarnings("ignore", message="writing a chunk of")
         model.inject(memory, torch.tensor([ids], dtype=torch.long, device=model.device), generator=generator)
     if mode == "memoryllm" and memory.ltm is not None:
-        memory.ltm.size = 0
+        memory.ltm.clear()
 
 
 def item_generator(seed: int, *key: Any) -> torch.Generator:
@@ -234,23 +220,16 @@ class Backbone:
 
     @torch.no_grad()
     def generate(self, ids: list[int], max_new_tokens: int) -> list[int]:
+        """Greedy new ids after `ids` (BOS prepended), cut before the first EOS."""
         seq = self._with_bos(ids)
         cache = MemoryKVCache(len(self.model.layers), capacity=len(seq) + max_new_tokens)
-        logits = self._logits(self._prefill(seq, cache))
-        new: list[int] = []
-        eos = set(self.eos if isinstance(self.eos, (list, tuple)) else [self.eos]) - {None}
-        position = len(seq)
-        for step in range(max_new_tokens):
-            token = int(logits.argmax(-1))
-            if token in eos:
-                break
-            new.append(token)
-            if step == max_new_tokens - 1:
-                break
-            h = self.model.llama.model.embed_tokens(torch.tensor([[token]], device=self.model.device))
-            logits = self._logits(self._run(h, position, cache))
-            position += 1
-        return new
+        eos = [t for t in (self.eos if isinstance(self.eos, (list, tuple)) else [self.eos]) if t is not None]
+
+        def step(tokens: torch.Tensor, i: int) -> torch.Tensor:
+            return self._logits(self._run(self.model.llama.model.embed_tokens(tokens), len(seq) + i, cache))
+
+        new = decode_loop(self._logits(self._prefill(seq, cache)), step, max_new_tokens, stop_ids=eos)[0].tolist()
+        return strip_eos(new, eos)
 
 
 # ---- output directory -------------------------------------------------------------------------------------------
@@ -260,13 +239,17 @@ def default_out(task: str, model_dir: str) -> Path:
 
 
 class RunDir:
-    """An output directory with a manifest of the settings that shape per-item results.
+    """An output directory with a manifest of what shaped its per-item results: the settings (`fingerprint`) and the
+    contents of the files read (`inputs`: the model directory, a separate tokenizer, the data files; see
+    `mplus_lightning.eval.fingerprint`).
 
-    Reopening it with different settings is an error (results would mix); overwrite=true starts afresh.
+    Reopening it with different settings, or after any of those files changed (new weights at the same path), is an
+    error naming what changed (results would mix); overwrite=true starts afresh.
     """
 
     def __init__(self, out: str | Path, task: str, cfg, fingerprint: dict, key_fields: tuple[str, ...],
-                 overwrite: bool = False):
+                 overwrite: bool = False, data_files: dict[str, Any] | None = None):
+        """`data_files`: {name: path} of the data the items come from (each a file or a directory)."""
         self.path = Path(out)
         if overwrite and self.path.exists():
             for name in ("items.jsonl", "run.json"):
@@ -275,16 +258,41 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         manifest = self.path / "run.json"
         fingerprint = json.loads(json.dumps(fingerprint, default=str))
+        inputs = self._inputs(cfg, data_files or {})
         if manifest.is_file():
-            old = json.loads(manifest.read_text()).get("fingerprint", {})
+            recorded = json.loads(manifest.read_text())
+            old = recorded.get("fingerprint", {})
             diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
             if diff:
                 k = diff[0]
                 raise EvalInputError(
                     f"{self.path} holds results of a different {task} run ({k}: {old.get(k)!r} there, "
                     f"{fingerprint.get(k)!r} now; differing: {diff}). Use another --out or overwrite=true")
-        write_json(manifest, {"task": task, "fingerprint": fingerprint, "config": to_dict(cfg)})
+            if "inputs" in recorded:
+                self._check_inputs(task, recorded["inputs"], inputs)
+            else:
+                log.warning("%s: its results were recorded without the contents of the files they were computed "
+                            "from; resuming without checking that the model and data are the same", self.path)
+        write_json(manifest, {"task": task, "fingerprint": fingerprint, "inputs": inputs, "config": to_dict(cfg)})
         self.store = ResultStore(self.path / "items.jsonl", key_fields)
+
+    def _inputs(self, cfg, data_files: dict[str, Any]) -> dict[str, dict[str, str]]:
+        """{name: {file: content fingerprint}} of the model directory, a separate tokenizer and the data files."""
+        named = {"model": getattr(cfg, "model", None), "tokenizer": getattr(cfg, "tokenizer", None), **data_files}
+        return {name: fingerprints(p, exclude=self.path) for name, p in named.items()
+                if p is not None and Path(p).exists()}
+
+    def _check_inputs(self, task: str, old: dict[str, dict[str, str]], new: dict[str, dict[str, str]]) -> None:
+        for name in sorted(set(old) | set(new)):
+            before, now = old.get(name, {}), new.get(name, {})
+            for f in sorted(set(before) | set(now)):
+                if before.get(f) == now.get(f):
+                    continue
+                what = ("was added since" if f not in before else "is gone" if f not in now
+                        else f"changed since (content fingerprint {before[f]} there, {now[f]} now)")
+                raise EvalInputError(
+                    f"{self.path} holds {task} results computed from other contents of the {name}: {f} {what}. "
+                    "Use another --out or overwrite=true")
 
     def file(self, name: str) -> Path:
         return self.path / name

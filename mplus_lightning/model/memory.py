@@ -9,12 +9,17 @@ rank per slot, and a commit writes the K new rows into the K freed slots instead
 
 Ages count memory rows written since a row was written: every commit adds K to every age (short- and long-term), and
 the new block gets ages K-1 ... 0 (the last written row is the youngest). The official inference code never ages
-short-term rows (research/model.md §4.2, "age bug"); we age them consistently.
+short-term rows (only training does); we age them consistently.
+
+On disk a memory is either our snapshot (`save`/`load`: memory.safetensors + memory.json) or the tensors an official
+release stores beside its weights (`memory`, `ltm.l`, `ltm_keys.l`, `ltm_ages.l`, ...): `from_pretrained` reads both,
+`release_tensors` writes the latter.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,15 +27,20 @@ from typing import Callable
 import torch
 from safetensors.torch import load_file, save_file
 
+from .configuration import MPlusConfig
+from .profiling import region
+from .retriever import mean_sigmoid_scores, select_oldest_first
+from .tensor_files import read_tensors, weight_files
+
 MEMORY_FILE = "memory.safetensors"
 MEMORY_META = "memory.json"
 FORMAT_VERSION = 1
-
-
-def _check_block(name: str, t: torch.Tensor, layers: int, rows: int | None, width: int) -> None:
-    expect = (layers, rows, width) if rows is not None else (layers, "*", width)
-    if t.dim() != 3 or t.shape[0] != layers or t.shape[2] != width or (rows is not None and t.shape[1] != rows):
-        raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {expect}")
+RELEASE_MEMORY_KEY = re.compile(
+    r"^(memory|initialized|ltm\.\d+|ltm_keys\.\d+|ltm_ages\.\d+|ltm_recall_frequencies\.\d+)$")
+"""Keys of an official release's weights that hold its memory, not model weights (recall frequencies are dropped on
+loading: our long-term memory is a FIFO by age)."""
+RELEASE_RECALL_FREQUENCY = 10.0
+"""What `release_tensors` stores as every long-term row's recall frequency: the official value of a fresh row."""
 
 
 class LongTermMemory:
@@ -50,9 +60,6 @@ class LongTermMemory:
         self.rows = torch.empty(num_layers, 0, hidden_size, dtype=dtype, device=device)
         self.keys = torch.empty(num_layers, 0, key_size, dtype=dtype, device=device)
         self.ages = torch.empty(num_layers, 0, dtype=torch.long, device=device)
-        self.pinned: list[torch.Tensor] | None = None
-        """Per layer, row indices every retrieval takes first (diagnostics: the oracle retrieval of
-        eval/diagnose.py); None: retrieval by score alone. Not copied or saved."""
 
     @property
     def num_layers(self) -> int:
@@ -82,6 +89,7 @@ class LongTermMemory:
 
         self.rows, self.keys, self.ages = grow(self.rows), grow(self.keys), grow(self.ages)
 
+    @region("commit.ltm_add")
     def add(self, rows: torch.Tensor, keys: torch.Tensor, ages: torch.Tensor) -> None:
         """Append k rows per layer ([L, k, d], [L, k, s], [L, k]); past capacity the oldest rows leave first."""
         k = rows.shape[1]
@@ -104,15 +112,36 @@ class LongTermMemory:
     def age_by(self, amount: int) -> None:
         self.ages[:, : self.size] += amount
 
+    def clear(self) -> None:
+        """Forget every row (the buffers stay allocated for the next ones)."""
+        self.size = 0
+
+    def empty_like(self) -> "LongTermMemory":
+        """An empty long-term memory of the same layers, widths, capacity, dtype and device."""
+        return LongTermMemory(self.num_layers, self.hidden_size, self.key_size, self.capacity, dtype=self.rows.dtype,
+                              device=self.rows.device)
+
     def view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, keys, ages) of one layer, only the filled part."""
         return self.rows[layer, : self.size], self.keys[layer, : self.size], self.ages[layer, : self.size]
 
+    # ---- retrieval ---------------------------------------------------------------------------------------------
+    def scores(self, layer: int, queries: torch.Tensor) -> torch.Tensor:
+        """[B, M] retrieval scores of the layer's stored rows for queries [B, n, s]: mean over n of sigmoid(q . key)."""
+        return mean_sigmoid_scores(queries, self.keys[layer, : self.size].to(queries.dtype))
+
+    def retrieve(self, layer: int, queries: torch.Tensor, k: int) -> torch.Tensor:
+        """[B, min(k, M)] indices of the layer's k best-scoring rows for queries [B, n, s], ordered oldest first."""
+        with region("retrieval.scores"):
+            scores = self.scores(layer, queries)
+        with region("retrieval.select"):
+            return select_oldest_first(scores, self.ages[layer, : self.size], k)
+
+    # ---- copies ------------------------------------------------------------------------------------------------
     def clone(self) -> "LongTermMemory":
         out = LongTermMemory.__new__(LongTermMemory)
         out.capacity, out.size = self.capacity, self.size
         out.rows, out.keys, out.ages = (t[:, : self.size].clone() for t in (self.rows, self.keys, self.ages))
-        out.pinned = None
         return out
 
     def to(self, device=None, dtype=None) -> "LongTermMemory":
@@ -228,12 +257,22 @@ class MemoryState:
         slots = self.slots_in_rank_order()
         return torch.gather(self.rows, 1, slots[..., None].expand(-1, -1, self.hidden_size))
 
+    @region("newest_block")
     def newest_block(self) -> torch.Tensor:
         """[L, K, d] the K most recently written rows of each layer, oldest first."""
         slots = self.slots_in_rank_order()[:, -self.num_tokens:]
         return torch.gather(self.rows, 1, slots[..., None].expand(-1, -1, self.hidden_size))
 
+    def with_empty_ltm(self) -> "MemoryState":
+        """The same short-term pool (shared tensors, not copies) with an empty long-term memory of the same shape:
+        what a MemoryLLM-mode read of an M+ memory sees. Without a long-term memory: self."""
+        if self.ltm is None:
+            return self
+        return MemoryState(rows=self.rows, ranks=self.ranks, ages=self.ages, num_tokens=self.num_tokens,
+                           ltm=self.ltm.empty_like(), initialized=self.initialized)
+
     # ---- writing ---------------------------------------------------------------------------------------------
+    @region("commit.sample_evictions")
     def sample_evictions(self, generator: torch.Generator | None = None, per_layer: bool = True) -> torch.Tensor:
         """[L, K] ranks to evict, sorted, uniform without replacement.
 
@@ -246,6 +285,7 @@ class MemoryState:
         return drop.expand(self.num_layers, K).to(self.device)
 
     @torch.no_grad()
+    @region("commit")
     def commit(self, delta: torch.Tensor, *, evict_ranks: torch.Tensor | None = None,
                keys_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
                generator: torch.Generator | None = None, per_layer: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,7 +331,9 @@ class MemoryState:
             if keys_fn is None:
                 raise ValueError("this memory has a long-term part: commit needs keys_fn to key the evicted rows")
             self.ltm.age_by(K)
-            self.ltm.add(evicted_rows, keys_fn(evicted_rows), evicted_ages)
+            with region("commit.ltm_keys"):
+                keys = keys_fn(evicted_rows)
+            self.ltm.add(evicted_rows, keys, evicted_ages)
         return evicted_rows, evicted_ages
 
     # ---- copies and persistence -----------------------------------------------------------------------------
@@ -357,20 +399,58 @@ class MemoryState:
     @staticmethod
     def saved_in(path: str | Path) -> bool:
         """Whether a model directory holds a memory: our export's `memory/` or an official `memory` tensor."""
-        from .official import _weight_files  # local import: official.py imports this module
-
         path = Path(path)
-        return (path / "memory" / MEMORY_META).is_file() or "memory" in _weight_files(path)
+        return (path / "memory" / MEMORY_META).is_file() or "memory" in weight_files(path)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype | None = None,
                         device: torch.device | str = "cpu") -> "MemoryState":
         """The memory saved in a model directory: our export (`memory/`) or an official release."""
-        from .official import load_official_memory  # local import: official.py imports this module
-
         path = Path(path)
         if (path / "memory" / MEMORY_META).is_file():
             mem = cls.load(path / "memory")
         else:
-            mem = load_official_memory(path)
+            mem = cls._from_release(path)
         return mem.to(device=device, dtype=dtype)
+
+    @classmethod
+    def _from_release(cls, path: Path) -> "MemoryState":
+        """The short-term pool (and M+ long-term memory) stored inside an official release's weights."""
+        config = MPlusConfig.from_json(path / "config.json")
+        files = weight_files(path)
+        if "memory" not in files:
+            raise FileNotFoundError(f"{path} holds no memory: neither memory/ (our export) nor an official `memory` "
+                                    "tensor")
+        L = config.num_layers
+        names = [k for k in files if RELEASE_MEMORY_KEY.match(k) and not k.startswith("ltm_recall_frequencies.")]
+        t = read_tensors(files, names)
+        rows = t["memory"]
+        if rows.dim() != 3 or rows.shape[0] != L or rows.shape[2] != config.hidden_size:
+            raise ValueError(f"`memory` has shape {tuple(rows.shape)}, config.json implies "
+                             f"[{L}, N, {config.hidden_size}]")
+        ltm = None
+        if config.has_ltm:
+            try:
+                ltm_rows = torch.stack([t[f"ltm.{l}"] for l in range(L)])
+                keys = torch.stack([t[f"ltm_keys.{l}"] for l in range(L)])
+                ages = torch.stack([t[f"ltm_ages.{l}"] for l in range(L)]).round().long()
+            except KeyError as e:
+                raise ValueError(f"{path}: M+ checkpoint lacks long-term tensor {e}") from None
+            ltm = LongTermMemory.from_tensors(ltm_rows, keys, ages, max(config.ltm_capacity, ltm_rows.shape[1]))
+        initialized = bool(t["initialized"].item()) if "initialized" in t else True
+        return cls.from_rows(rows, config.num_tokens, ltm=ltm, initialized=initialized)
+
+    def release_tensors(self) -> dict[str, torch.Tensor]:
+        """The memory as an official release stores it beside its weights (`_from_release` reads it back): rows in
+        rank order; long-term rows per layer with their keys, ages and a fresh recall frequency."""
+        tensors = {"memory": self.ordered_rows()}
+        if self.ltm is not None:
+            for l in range(self.num_layers):
+                rows, keys, ages = self.ltm.view(l)
+                tensors[f"ltm.{l}"], tensors[f"ltm_keys.{l}"] = rows, keys
+                tensors[f"ltm_ages.{l}"] = ages.to(rows.dtype)
+                tensors[f"ltm_recall_frequencies.{l}"] = torch.full((self.ltm.size,), RELEASE_RECALL_FREQUENCY,
+                                                                    dtype=rows.dtype)
+        else:
+            tensors["initialized"] = torch.tensor(int(self.initialized), dtype=torch.uint8)
+        return tensors

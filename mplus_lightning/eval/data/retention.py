@@ -1,5 +1,5 @@
-"""Knowledge-retention sets (research/eval.md §3.1): SQuAD v2, Natural Questions (simplified), and the processed
-`val_data.json` layout, plus the distractor contexts that are injected between a context and its question.
+"""Knowledge-retention sets of the MemoryLLM and M+ papers: SQuAD v2, Natural Questions (simplified), and the
+processed `val_data.json` layout, plus the distractor contexts that are injected between a context and its question.
 
 On-disk layouts (the official `YuWangX/KnowledgeRetention` / `KnowledgeRetentionProcessed` releases):
 
@@ -21,7 +21,7 @@ questions):
   ({token, html_token}); train lines carry `document_text` (split on spaces; a token `<...>` is HTML). The official
   train loader slices `document_text` by *characters* with token offsets (a bug); we slice tokens.
 
-Distractors (eval.md §3.1): consecutive source texts (SQuAD-train paragraph contexts, NQ-train long answers, or the
+Distractors: consecutive source texts (SQuAD-train paragraph contexts, NQ-train long answers, or the
 processed strings) are concatenated with spaces until the concatenation has at least `min_tokens` tokens, then cut to
 `max_tokens` (official: SQuAD >= 768 then 512; NQ > 512, i.e. >= 513, then 512). The same list serves every question.
 Distractors are kept as token ids, so what is injected is exactly what is counted as distance.
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..eval.io import DataFormatError, iter_jsonl, load_json, require
+from ...data.files import DataFormatError, iter_jsonl, load_json, require_fields
 
 SQUAD_DEV = "dev-v2.0.json"
 SQUAD_TRAIN = "train-v2.0.json"
@@ -53,7 +53,7 @@ LAYOUTS = f"""expected one of these layouts:
   processed: DIR/{PROCESSED_ITEMS} + DIR/{PROCESSED_DISTRACTORS}
   (DIR may also be the parent holding squad/, nq/ or nqa/ folders; pick one with dataset=squad|nq|processed)"""
 
-# The official prompts (eval.md §3.1): "Questions" (plural) is what the official test script sends.
+# The official prompts: "Questions" (plural) is what the official test script sends.
 TEMPLATES = {
     "squad": ("Context: {context}", "Questions: {question} Answer:"),
     "nq": ("Context: {context}", "Questions: {question}? Answer:"),
@@ -97,23 +97,42 @@ def _squad_articles(path: Path) -> list:
 
 
 def read_squad(path: str | Path) -> list[RetentionItem]:
-    """Every answerable question of a SQuAD v1.1/v2 file, in file order (the list the index file points into)."""
+    """Every answerable question of a SQuAD v1.1/v2 file, in file order (the list the index file points into).
+
+    A question not marked ``is_impossible`` must have an answer: one without is an error, not left out, since leaving
+    it out would shift every later item under the released index file.
+    """
     path = Path(path)
     items = []
     for a, article in enumerate(_squad_articles(path)):
         for p, para in enumerate(article.get("paragraphs", []) if isinstance(article, dict) else []):
             where = f"{path}: data[{a}].paragraphs[{p}]"
-            require(para, ("context", "qas"), where)
+            require_fields(para, ("context", "qas"), where)
+            _require_str(para["context"], f"{where}.context")
+            if not isinstance(para["qas"], list):
+                raise DataFormatError(f"{where}.qas: expected a list of questions, got {type(para['qas']).__name__}")
             for q, qa in enumerate(para["qas"]):
-                require(qa, ("question",), f"{where}.qas[{q}]")
-                answers = qa.get("answers") or []
-                if qa.get("is_impossible", False) or not answers:
+                at = f"{where}.qas[{q}]"
+                require_fields(qa, ("question",), at)
+                _require_str(qa["question"], f"{at}.question")
+                if qa.get("is_impossible", False):
                     continue
+                answers = qa.get("answers")
+                if not isinstance(answers, list) or not answers:
+                    raise DataFormatError(f"{at}: no answer (`answers` is {answers!r:.40}) but not marked "
+                                          "is_impossible: give it `answers: [{\"text\": ...}]` or `is_impossible: "
+                                          "true`")
                 if not isinstance(answers[0], dict) or "text" not in answers[0]:
-                    raise DataFormatError(f"{where}.qas[{q}].answers[0]: expected an object with `text`")
+                    raise DataFormatError(f"{at}.answers[0]: expected an object with `text`")
+                _require_str(answers[0]["text"], f"{at}.answers[0].text")
                 items.append(RetentionItem(id=str(qa.get("id", f"{a}-{p}-{q}")), context=para["context"],
                                            question=qa["question"], answer=answers[0]["text"]))
     return items
+
+
+def _require_str(value, where: str) -> None:
+    if not isinstance(value, str):
+        raise DataFormatError(f"{where}: expected a string, got {type(value).__name__} {value!r:.40}")
 
 
 def squad_contexts(path: str | Path) -> Iterator[str]:
@@ -134,10 +153,14 @@ def _nq_tokens(obj: dict, where: str) -> list[tuple[str, bool]]:
     """(token, is_html) of an NQ simplified example: dev `document_tokens` or train `document_text`."""
     if "document_tokens" in obj:
         try:
-            return [(t["token"], bool(t["html_token"])) for t in obj["document_tokens"]]
+            tokens = [(t["token"], bool(t["html_token"])) for t in obj["document_tokens"]]
         except (TypeError, KeyError):
             raise DataFormatError(f"{where}: document_tokens entries need `token` and `html_token`") from None
+        if not all(isinstance(t, str) for t, _ in tokens):
+            raise DataFormatError(f"{where}: every document_tokens[].token must be a string")
+        return tokens
     if "document_text" in obj:
+        _require_str(obj["document_text"], f"{where}: document_text")
         return [(t, _is_html(t)) for t in obj["document_text"].split(" ")]
     raise DataFormatError(f"{where}: an NQ example needs `document_tokens` (dev) or `document_text` (train)")
 
@@ -157,10 +180,12 @@ def read_nq(path: str | Path, stop_after: int | None = None) -> list[RetentionIt
     """
     path = Path(path)
     items: list[RetentionItem] = []
-    for lineno, obj in iter_jsonl(path):
+    for lineno, obj in iter_jsonl(path, offer_skip=False):
         where = f"{path}:{lineno}"
-        require(obj, ("question_text", "annotations"), where)
-        if not obj["annotations"] or not isinstance(obj["annotations"][0], dict):
+        require_fields(obj, ("question_text", "annotations"), where)
+        _require_str(obj["question_text"], f"{where}: question_text")
+        annotations = obj["annotations"]
+        if not isinstance(annotations, list) or not annotations or not isinstance(annotations[0], dict):
             raise DataFormatError(f"{where}: `annotations` must be a non-empty list of objects")
         ann = obj["annotations"][0]
         short = ann.get("short_answers") or []
@@ -180,9 +205,9 @@ def read_nq(path: str | Path, stop_after: int | None = None) -> list[RetentionIt
 def nq_long_answers(path: str | Path) -> Iterator[str]:
     """Long-answer texts of an NQ simplified file (train or dev), skipping examples without a long answer."""
     path = Path(path)
-    for lineno, obj in iter_jsonl(path):
+    for lineno, obj in iter_jsonl(path, offer_skip=False):
         where = f"{path}:{lineno}"
-        require(obj, ("annotations",), where)
+        require_fields(obj, ("annotations",), where)
         ann = (obj["annotations"] or [{}])[0]
         la = ann.get("long_answer") if isinstance(ann, dict) else None
         if not la or int(la.get("start_token", -1)) < 0:
@@ -252,6 +277,10 @@ def _find(d: Path, name: str) -> Path | None:
     return None
 
 
+MAIN_FILES = {"squad": SQUAD_DEV, "nq": NQ_DEV, "processed": PROCESSED_ITEMS}
+"""The file that makes a folder hold each layout (checked in this order when the dataset is not named)."""
+
+
 def _detect(path: Path) -> tuple[str, Path]:
     """(dataset, main file) for a file or a directory holding one of the layouts."""
     if path.is_file():
@@ -263,7 +292,7 @@ def _detect(path: Path) -> tuple[str, Path]:
         if name.endswith(".jsonl"):
             return "nq", path
         raise FileNotFoundError(f"{path}: cannot tell which retention dataset this file is; " + LAYOUTS)
-    for name, fname in (("squad", SQUAD_DEV), ("nq", NQ_DEV), ("processed", PROCESSED_ITEMS)):
+    for name, fname in MAIN_FILES.items():
         f = _find(path, fname)
         if f is not None:
             return name, f
@@ -278,15 +307,12 @@ def resolve_layout(path: str | Path, dataset: str = "auto") -> tuple[str, Path]:
     if not path.exists():
         raise FileNotFoundError(f"retention data path {path} does not exist: " + LAYOUTS)
     if path.is_dir() and dataset != "auto":
+        # The named layout wins in a folder that holds several (squad/ may hold the processed files too).
         subdirs = {"squad": ["squad"], "nq": ["nq", "nqa"], "processed": ["squad", "nqa", "nq"]}[dataset]
-        for sub in subdirs:
-            if (path / sub).is_dir():
-                try:
-                    found, f = _detect(path / sub)
-                except FileNotFoundError:
-                    continue
-                if found == dataset:
-                    return found, f
+        for d in [path, *(path / sub for sub in subdirs)]:
+            f = _find(d, MAIN_FILES[dataset]) if d.is_dir() else None
+            if f is not None:
+                return dataset, f
     found, f = _detect(path)
     if dataset != "auto" and found != dataset:
         raise FileNotFoundError(f"{path} holds the {found} layout, not {dataset}: " + LAYOUTS)

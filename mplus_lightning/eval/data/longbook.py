@@ -1,11 +1,11 @@
-"""LongBook QA (InfiniteBench En.QA) and LongBook Event-QA (research/eval.md §3.2-3.3).
+"""LongBook QA (InfiniteBench En.QA) and LongBook Event-QA (the M+ paper's long-book benchmarks).
 
 LongBook QA: `longbook_qa_eng.jsonl` from HF `xinrongzhang2022/InfiniteBench`, one JSON object per line with `id`,
 `context` (the whole book), `input` (the question), `answer` (list of strings) and `options` (empty). Older copies
 use `question` for `input`; a plain-string `answer` is accepted as one answer. 351 items, books of ~192k tokens.
 Prompt (InfiniteBench's base-model template; the M+ paper does not state its own), 40 new tokens, QA-F1 on 0-1.
 
-LongBook Event-QA is not published (eval.md §3.3): the paper built it with gpt-4o from the first five books. When a
+LongBook Event-QA is not published: the paper built it with gpt-4o from the first five books. When a
 user supplies it, this reader takes JSON Lines with one event per line:
 
     {"id": ..., "context": "<book text up to the event>"   (or "context_file": "books/x.txt", relative to the file),
@@ -22,14 +22,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..eval.io import DataFormatError, iter_jsonl, require
+from ...data.files import DataFormatError, iter_jsonl, require_fields
 
 LONGBOOK_QA_FILE = "longbook_qa_eng.jsonl"
 EVENT_QA_FILE = "longbook_event_qa.jsonl"
 
 QA_TEMPLATE = ("Read the book and answer the question. Be very concise in your answer.\n\n{context}\n\n"
                "Question: {question}\nAnswer:")
-QA_MAX_NEW_TOKENS = 40
 LETTERS = "ABCDEFGHIJ"
 EVENT_TEMPLATE = ("Read the book below and the events that happened so far, then choose the event that happens "
                   "next.\n\n{context}\n\nEvents so far:\n{past_events}\n\nWhich event happens next?\n{options}\n"
@@ -75,13 +74,20 @@ def _resolve(path: str | Path, default_name: str, what: str) -> Path:
     return path
 
 
+def longbook_file(path: str | Path, task: str = "qa") -> Path:
+    """The file `read_longbook_qa` (task ``qa``) or `read_event_qa` (``event_qa``) reads for `path`."""
+    if task == "event_qa":
+        return _resolve(path, EVENT_QA_FILE, "LongBook Event-QA data")
+    return _resolve(path, LONGBOOK_QA_FILE, "LongBook QA data")
+
+
 def read_longbook_qa(path: str | Path) -> list[LongBookItem]:
     """Items of `longbook_qa_eng.jsonl` (or a directory holding it)."""
     path = _resolve(path, LONGBOOK_QA_FILE, "LongBook QA data")
     items = []
-    for lineno, obj in iter_jsonl(path):
+    for lineno, obj in iter_jsonl(path, offer_skip=False):
         where = f"{path}:{lineno}"
-        require(obj, ("context",), where)
+        require_fields(obj, ("context",), where)
         question = obj.get("input", obj.get("question"))
         if not isinstance(question, str):
             raise DataFormatError(f"{where}: missing the question (`input`, or `question` in older copies)")
@@ -101,9 +107,9 @@ def read_event_qa(path: str | Path) -> list[EventQAItem]:
     """Items of a LongBook Event-QA JSON Lines file (format in the module docstring)."""
     path = _resolve(path, EVENT_QA_FILE, "LongBook Event-QA data")
     items = []
-    for lineno, obj in iter_jsonl(path):
+    for lineno, obj in iter_jsonl(path, offer_skip=False):
         where = f"{path}:{lineno}"
-        require(obj, ("options", "answer"), where)
+        require_fields(obj, ("options", "answer"), where)
         if "context" in obj:
             context = obj["context"]
         elif "context_file" in obj:

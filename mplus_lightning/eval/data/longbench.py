@@ -1,11 +1,11 @@
-"""LongBench QA subsets (research/eval.md §3.4) and the long-context input builder shared with LongBook.
+"""LongBench QA subsets (the M+ paper's Tables 2-3) and the long-context input builder shared with LongBook.
 
 Data: the official release (HF `THUDM/LongBench`, `data.zip`) has one JSON Lines file per subset,
 `{subset}.jsonl`, each line with `input` (the question), `context`, `answers` (list), `length` (words), `dataset`,
 `language`, `all_classes`, `_id`. The M+ paper uses six English QA subsets; their official prompt templates and
 generation limits are below (the "asconcisely" typo of narrativeqa is part of the official template).
 
-Long-context input builder (eval.md §3.4, target 14): the prompt is tokenized whole; it is truncated to
+Long-context input builder: the prompt is tokenized whole; it is truncated to
 `max_length - gen_tokens` tokens (tail truncation as in the MemoryLLM scripts, or LongBench's middle truncation);
 its last `window_tokens - gen_tokens` tokens (the question is at the end) stay in the generation window; the rest is
 cut *from the end backwards* into `chunk_tokens` pieces that are injected into memory oldest first. With 8k inputs,
@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..eval.io import DataFormatError, iter_jsonl, load_json, require
+from ...data.files import DataFormatError, iter_jsonl, load_json, require_fields
 
 QA_SUBSETS = ("2wikimqa", "hotpotqa", "qasper", "musique", "multifieldqa_en", "narrativeqa")
 
@@ -79,14 +79,22 @@ def _subset_file(path: Path, subset: str) -> Path:
     raise FileNotFoundError(f"LongBench subset {subset!r} not found in {path}: {LAYOUT}")
 
 
+def longbench_files(path: str | Path, subsets=QA_SUBSETS) -> dict[str, Path]:
+    """{subset: file} that `read_longbench` reads (``{"data": path}`` for a single file)."""
+    path = Path(path)
+    if path.is_file():
+        return {"data": path}
+    return {s: _subset_file(path, s) for s in subsets}
+
+
 def read_longbench_file(path: str | Path, subset: str | None = None) -> list[LongBenchItem]:
     """One `{subset}.jsonl` file; the subset name defaults to the file stem."""
     path = Path(path)
     subset = subset or path.name.removesuffix(".gz").removesuffix(".jsonl")
     items = []
-    for lineno, obj in iter_jsonl(path):
+    for lineno, obj in iter_jsonl(path, offer_skip=False):
         where = f"{path}:{lineno}"
-        require(obj, ("input", "context", "answers"), where)
+        require_fields(obj, ("input", "context", "answers"), where)
         answers = obj["answers"]
         if isinstance(answers, str):
             answers = [answers]
@@ -155,7 +163,7 @@ def truncate(ids: list[int], budget: int | None, mode: str = "tail") -> list[int
 def build_long_input(ids: list[int], *, gen_tokens: int, window_tokens: int = 2048, chunk_tokens: int = 512,
                      max_length: int | None = None, truncation: str = "tail", min_chunk_tokens: int = 16,
                      bos_token_id: int | None = None) -> LongInput:
-    """Split a tokenized prompt into memory chunks (oldest first) and a generation window (eval.md §3.4).
+    """Split a tokenized prompt into memory chunks (oldest first) and a generation window.
 
     * BOS ids are removed (each memory layer has its own learned BOS; the model refuses a leading BOS).
     * With `max_length`, keep `max_length - gen_tokens` tokens (`truncation`: tail or middle).
