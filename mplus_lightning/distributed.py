@@ -1,4 +1,4 @@
-"""Sharding: FSDP2 through Lightning's ModelParallelStrategy (DESIGN.md §3.5).
+"""Sharding: FSDP2 through Lightning's ModelParallelStrategy.
 
 `fully_shard` goes on each decoder layer (its LoRA adapters, BOS vector and retriever live inside it, so they are
 gathered together when the layer runs, memory K/V and retrieval included) and then on the root. The same code runs
@@ -35,8 +35,9 @@ def checkpoint_layers(model) -> None:
 
 def shard_backbone(model, mesh, *, param_dtype: torch.dtype | None = None,
                    reduce_dtype: torch.dtype = torch.float32, activation_checkpointing: bool = False) -> int:
-    """fully_shard every decoder layer, then the root. Returns the number of layers sharded; raises if none."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    """fully_shard every decoder layer, then the root, whose training entry points (`MPlus.TRAINING_ENTRY_POINTS`)
+    then gather and free the root's shards like a forward. Returns the number of layers sharded; raises if none."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     from .model.mplus import MemoryDecoderLayer
 
@@ -52,6 +53,8 @@ def shard_backbone(model, mesh, *, param_dtype: torch.dtype | None = None,
     if sharded == 0:
         raise RuntimeError("shard_backbone: no MemoryDecoderLayer found to shard")
     fully_shard(model, mesh=mesh, mp_policy=mp)
+    for name in model.TRAINING_ENTRY_POINTS:
+        register_fsdp_forward_method(model, name)
     return sharded
 
 

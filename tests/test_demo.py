@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from mplus_lightning import config as C
 from mplus_lightning.data import facts as F
-from mplus_lightning.data.retention import load_retention_set
+from mplus_lightning.eval.data.retention import load_retention_set
 
 ROOT = Path(__file__).parents[1]
 
@@ -136,106 +136,73 @@ def tok_text(dm, ids):
 
 
 def test_the_training_step_uses_the_mask(corpus_dir):
-    from mplus_lightning.stages.base import MemoryTrainingModule
+    from mplus_lightning.stages.step import target_sequence
 
     cfg = C.load(ROOT / "experiments" / "demo_stage1.yaml",
                  [f"data.params.corpus={corpus_dir}", f"data.params.tokenizer={corpus_dir / 'tokenizer'}"])
     dm = F.FactsDataModule(**cfg.data.params)
     stream = dm.build_train_dataset(rank=0, world_size=1, skip=0)
     s = next(s for s in map(stream.sample, range(20)) if not s.repeat)
-    ids, mask = MemoryTrainingModule._target(type("M", (), {"cfg": cfg, "device": "cpu"})(), s, s.contexts)
-    assert torch.equal(mask[0], s.target_mask) and torch.equal(ids[0], s.target)
+    ids, mask = target_sequence(s, s.contexts, instruction_ids=[5, 6], max_seq_length=cfg.step.max_seq_length,
+                                mask_extra_tokens=cfg.step.mask_extra_tokens)
+    assert torch.equal(mask, s.target_mask) and torch.equal(ids, s.target)
 
 
 def test_the_retriever_is_trained_to_find_the_asked_answer_rows(corpus_dir):
     # The retriever's positives are the rows written at the answer tokens of the fact the first question asks about,
     # its query that question's prompt ("Recall: <name>"); repeat samples (about every fact) keep the document
     # labels: every row written.
-    from mplus_lightning.stages.base import OTHER_CHUNK, MemoryTrainingModule
+    from mplus_lightning.stages.step import retrieval_labels
 
     dm = F.FactsDataModule(str(corpus_dir), str(corpus_dir / "tokenizer"), num_facts=[3], num_questions=2,
                            repeat_ratio=0.3)
     stream = dm.build_train_dataset(rank=0, world_size=1, skip=0)
     K = 6
-    module = type("M", (), {"model": type("Model", (), {"config": type("C", (), {"num_tokens": K})()})(),
-                            "_row_stamps": MemoryTrainingModule._row_stamps})()
-    labels = MemoryTrainingModule._retrieval_labels.__get__(module)
     seen_repeat = False
     for k in range(30):
         s = stream.sample(k)
         if s.repeat:
             seen_repeat = True
-            assert s.retrieval_positions is None
-            assert labels(s, 3, 3, doc=7) == ([7, 7, 7], None)
+            assert s.retrieval_positives is None
+            labels = retrieval_labels(s, [0, 1, 2], K)
+            assert labels.query_tokens is None and all(r.all() for r in labels.rows)
             continue
-        asked = s.contexts[s.retrieval_chunk]
+        marked = [i for i, p in enumerate(s.retrieval_positives) if p.any()]
+        assert len(marked) == 1
+        asked_index = marked[0]
+        asked = s.contexts[asked_index]
         prompt = dm.tokenizer.decode(s.target[:s.retrieval_query_tokens])
         assert prompt.startswith("Recall:") and prompt.split("Recall:")[1].strip() in dm.tokenizer.decode(asked)
-        docs, query = labels(s, 3, 3, doc=7)
-        assert query == s.retrieval_query_tokens
-        rows = docs[s.retrieval_chunk]
-        assert len(rows) == K == len(asked)   # one stamp per row; the demo's facts are exactly K tokens
-        answer_rows = [r for r in range(K) if rows[r] == 7]
-        assert dm.tokenizer.decode(asked[answer_rows]).strip() == s.answer
-        assert all(r == OTHER_CHUNK for r in rows if r != 7)
-        assert all(d == OTHER_CHUNK for i, d in enumerate(docs) if i != s.retrieval_chunk)
+        labels = retrieval_labels(s, [0, 1, 2], K)
+        assert labels.query_tokens == s.retrieval_query_tokens
+        rows = labels.rows[asked_index]
+        assert len(rows) == K == len(asked)   # one label per row; the demo's facts are exactly K tokens
+        answer_rows = rows.nonzero()[:, 0]
+        assert len(answer_rows) and dm.tokenizer.decode(asked[answer_rows]).strip() == s.answer
+        assert all(not r.any() for i, r in enumerate(labels.rows) if i != asked_index)
         # only the last two facts injected: the asked one may be among them or not
-        docs, query = labels(s, 3, 2, doc=7)
-        if s.retrieval_chunk >= 1:
-            assert docs[s.retrieval_chunk - 1] == rows and OTHER_CHUNK in docs
+        labels = retrieval_labels(s, [1, 2], K)
+        if asked_index >= 1:
+            assert torch.equal(labels.rows[asked_index - 1], rows) and not labels.rows[2 - asked_index].any()
+            assert labels.query_tokens == s.retrieval_query_tokens
         else:
-            assert docs == [7, 7]
+            assert all(r.all() for r in labels.rows) and labels.query_tokens is None
     assert seen_repeat
-
-
-def test_row_stamps_follow_the_rows_a_chunk_writes():
-    # Row r of a K-row write is the output at chunk token n - K + r: a chunk longer than K writes its last K tokens'
-    # rows, a shorter one re-processes old rows first (never positives). No answer row written: all rows are `doc`.
-    from mplus_lightning.stages.base import OTHER_CHUNK as O, MemoryTrainingModule
-
-    module = type("M", (), {"model": type("Model", (), {"config": type("C", (), {"num_tokens": 4})()})()})()
-    stamps = MemoryTrainingModule._row_stamps.__get__(module)
-    assert stamps(4, [2], 9) == [O, O, 9, O]
-    assert stamps(6, [3, 4], 9) == [O, 9, 9, O]          # tokens 2..5 write rows 0..3
-    assert stamps(3, [0], 9) == [O, 9, O, O]             # one re-processed old row, then tokens 0..2
-    assert stamps(6, [0], 9) == 9                        # token 0 writes no row
-    assert stamps(4, None, 9) == 9
-
-
-def test_commit_stamps_each_new_row(tiny_model):
-    # Per-row stamps land on the slots of the rows they name, through the random eviction of a commit.
-    from mplus_lightning.stages.base import MemoryTrainingModule
-
-    mem = tiny_model.new_memory(seed=0)
-    K = mem.num_tokens
-    module = type("M", (), {"memory": mem, "row_doc": torch.full(mem.ranks.shape, -1, dtype=torch.long),
-                            "evict_gen": torch.Generator().manual_seed(0), "model": tiny_model,
-                            "_keys": lambda self, rows: tiny_model.ltm_keys(rows)})()
-    commit = MemoryTrainingModule._commit.__get__(module)
-    for doc in range(3):
-        commit(tiny_model.write(mem, torch.tensor([[5] * K])), doc)
-    delta = tiny_model.write(mem, torch.tensor([[6] * K]))
-    stamps = list(range(100, 100 + K))
-    slots = commit(delta, stamps)
-    for l in range(mem.num_layers):
-        for r in range(K):
-            assert module.row_doc[l, slots[l, r]] == 100 + r
-            assert torch.equal(mem.rows[l, slots[l, r]], delta[l, r])
 
 
 def test_the_repeat_target_is_built_on_the_batch_device(corpus_dir):
     # On a GPU the chunks arrive on cuda; the "meta" device stands in for it here (a CPU tensor mixed in fails,
     # as it did on an H100: torch.cat of the CPU instruction ids with cuda chunks).
-    from mplus_lightning.stages.base import MemoryTrainingModule
+    from mplus_lightning.stages.step import target_sequence
 
     cfg = C.load(ROOT / "experiments" / "demo_stage1.yaml",
                  [f"data.params.corpus={corpus_dir}", f"data.params.tokenizer={corpus_dir / 'tokenizer'}"])
     dm = F.FactsDataModule(**cfg.data.params)
     s = dm.build_train_dataset(rank=0, world_size=1, skip=0).sample(0)
     s.repeat = True
-    module = type("M", (), {"cfg": cfg, "device": "meta", "instruction_ids": [5, 6]})()
-    ids, mask = MemoryTrainingModule._target(module, s, [c.to("meta") for c in s.contexts])
-    assert ids.device.type == "meta" and ids.shape[1] == 2 + sum(len(c) for c in s.contexts)
+    ids, mask = target_sequence(s, [c.to("meta") for c in s.contexts], instruction_ids=[5, 6],
+                                max_seq_length=cfg.step.max_seq_length, mask_extra_tokens=cfg.step.mask_extra_tokens)
+    assert ids.device.type == "meta" and ids.shape[0] == 2 + sum(len(c) for c in s.contexts)
     assert mask.device.type == "meta"
 
 

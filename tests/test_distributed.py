@@ -4,7 +4,6 @@ Tolerances: the 2-rank run and the 1-process reference compute the same float32 
 with a reduce-scatter (sum then divide, in another order than our (g0 + g1) / 2) and AdamW divides by sqrt(v), so
 results agree to float32 rounding amplified over a few steps: losses to 1e-5 relative, weights to 1e-5 absolute.
 """
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -15,8 +14,8 @@ from safetensors.torch import load_file
 
 from mplus_lightning import MemoryState, config as C, fit
 from mplus_lightning.stages import LtmModule
-from mplus_lightning.stages.base import RevisitCache
 from mplus_lightning.stages.build import initial_memory
+from mplus_lightning.stages.step import Decisions, MemoryStep
 
 from .test_training import scalars
 
@@ -44,36 +43,29 @@ def reference(tmp_path, steps: int):
     dm = fit.build_datamodule(cfg)
     streams = [iter(dm.build_train_dataset(rank=r, world_size=2, skip=0)) for r in (0, 1)]
     module = LtmModule(cfg, fit.instruction_ids(cfg, dm))
-    keys = ("memory", "row_doc", "revisit", "rng", "rank_rng", "evict_gen", "docs_seen", "recent_docs")
-    states = []
-    for r in (0, 1):   # what setup() and on_fit_start() do on rank r
-        states.append(dict(memory=initial_memory(cfg, module.model, seed=seed + r), row_doc=None,
-                           revisit=RevisitCache(), rng=random.Random(f"{seed}:steps"),
-                           rank_rng=random.Random(f"{seed}:{r}"),
-                           evict_gen=torch.Generator().manual_seed(seed * 1000 + r), docs_seen=0, recent_docs=[]))
-        states[r]["row_doc"] = torch.full(states[r]["memory"].ranks.shape, -1, dtype=torch.long)
+    # what setup() and on_fit_start() do on rank r: its own memory and decisions, the shared model
+    ranks = [MemoryStep(module.model, cfg.step, initial_memory(cfg, module.model, seed=seed + r),
+                        decisions=Decisions(cfg.step, seed, r, module.model.config.drop_memory_per_layer),
+                        instruction_ids=module.memory_step.instruction_ids) for r in (0, 1)]
     opt = module.configure_optimizers()
     opt = opt["optimizer"] if isinstance(opt, dict) else opt
     losses = []
-    for _ in range(steps):
+    for global_step in range(steps):
         step = []
         for r in (0, 1):
-            for k in keys:
-                setattr(module, k, states[r][k])
-            result = module.run_step(next(streams[r]))
+            result = ranks[r].step(next(streams[r]), global_step)
             (result.loss / 2).backward()
             step.append(result.loss.item())
-            states[r] = {k: getattr(module, k) for k in keys}
         opt.step()
         opt.zero_grad()
         losses.append(step)
-    return module, losses, states
+    return module, losses, ranks
 
 
 def test_two_ranks_equal_one_process_on_the_same_global_batch_with_activation_checkpointing(tmp_path):
     launch(tmp_path, "fsdp", "trainer.max_steps=3", "trainer.ckpt_every_n_steps=3",
            "trainer.activation_checkpointing=true")
-    module, losses, states = reference(tmp_path, steps=3)
+    module, losses, ranks = reference(tmp_path, steps=3)
     logged = scalars(tmp_path / "fsdp", "train/loss")       # rank 0's losses
     assert sorted(logged) == [0, 1, 2]
     for step, (l0, _) in enumerate(losses):
@@ -87,7 +79,7 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch_with_activation_ch
         moved += "lora_B" in k and v.abs().sum() > 0
     assert moved, "training changed the adapters (the comparison is not between two untouched models)"
     memory = MemoryState.from_pretrained(tmp_path / "fsdp" / "export")      # rank 0's memory
-    torch.testing.assert_close(memory.rows, states[0]["memory"].rows, rtol=0, atol=1e-5)
+    torch.testing.assert_close(memory.rows, ranks[0].memory.rows, rtol=0, atol=1e-5)
 
 
 def test_two_rank_resume_is_exact_and_ranks_read_disjoint_documents(tmp_path):

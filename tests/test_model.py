@@ -163,7 +163,7 @@ def test_slot_layout_does_not_change_results(tiny_model):
 
 
 def test_the_two_adapters_give_different_memory_views(tiny_model):
-    """The same rows under the write and read adapters yield different K/V (model.md §6.1)."""
+    """The same rows under the write and read adapters yield different K/V."""
     layer = tiny_model.layers[0]
     rows = torch.randn(1, 4, 64)
     pos = torch.arange(4)[None]

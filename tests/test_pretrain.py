@@ -11,7 +11,7 @@ from mplus_lightning.config import ConfigError
 from mplus_lightning.data import facts as F
 from mplus_lightning.model.configuration import tiny_config
 from mplus_lightning.model.mplus import is_memory_parameter
-from mplus_lightning.stages.build import build_model, initial_memory, model_config
+from mplus_lightning.stages.build import build_model, initial_memory
 
 ROOT = Path(__file__).parents[1]
 QUIET = ["trainer.progress_bar=false", "trainer.log_every_n_steps=1"]
@@ -125,7 +125,7 @@ def test_plain_lm_loss_is_the_backbones_masked_next_token_loss():
     ids = torch.randint(3, model.llama.config.vocab_size, (3, 12))
     mask = torch.rand(3, 12) < 0.5
     mask[:, 0] = False
-    loss, count, hits = model("plain_lm_loss", ids, mask)
+    loss, count, hits = model.plain_lm_loss(ids, mask)
     logits = model.backbone_logits(ids)[:, :-1]
     scored = mask[:, 1:]
     want = torch.nn.functional.cross_entropy(logits[scored], ids[:, 1:][scored])
@@ -149,7 +149,7 @@ def test_pretrain_exports_weights_that_stage1_starts_from_with_a_fresh_pool(tmp_
     assert (export / "config.json").is_file() and not (export / "memory").exists()
     weights = load_file(str(export / "model.safetensors"))
     torch.manual_seed(pre.trainer.seed)
-    start = MPlus(model_config(pre))
+    start = MPlus(pre.model.to_mplus_config())
     emb = next(k for k in weights if k.endswith("embed_tokens.weight"))
     assert not torch.equal(weights[emb], start.state_dict()[emb]), "pretraining moved the weights"
 
@@ -173,8 +173,8 @@ def test_pretrain_resume_continues_exactly(tmp_path, corpus_dir):
     def cfg(name, *extra):
         return C.load(ROOT / "experiments" / "demo_pretrain.yaml",
                       data_overrides(corpus_dir) + QUIET + [f"name={name}", f"run_dir={tmp_path}",
-                                                            "data.params.batch_size=4", "trainer.val_every_n_steps=1000",
-                                                            *extra])
+                                                            "data.params.batch_size=4",
+                                                            "trainer.val_every_n_steps=1000", *extra])
     fit.run(cfg("straight", "trainer.max_steps=4", "trainer.ckpt_every_n_steps=2"))
     fit.run(cfg("resumed", "trainer.max_steps=2", "trainer.ckpt_every_n_steps=2"))
     fit.run(cfg("resumed", "trainer.max_steps=4", "trainer.ckpt_every_n_steps=2", "resume=last"))

@@ -9,9 +9,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from mplus_lightning import MemoryState, MPlus, config as C, fit
 from mplus_lightning.data.sample import Sample
-from mplus_lightning.stages import LtmModule, Stage1Module
-from mplus_lightning.stages.base import MemoryTrainingModule
+from mplus_lightning.stages import LtmModule
 from mplus_lightning.stages.build import fit_pool
+from mplus_lightning.stages.step import MemoryStep
 
 ROOT = Path(__file__).parents[1]
 QUIET = ["trainer.progress_bar=false", "trainer.log_every_n_steps=1", "trainer.val_every_n_steps=1000"]
@@ -74,34 +74,33 @@ def test_tensorboard_has_the_curves(tmp_path):
 
 @pytest.mark.slow
 def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real = MemoryTrainingModule.run_step
+    real = MemoryStep.step
 
-    def poisoned(self, sample):
-        result = real(self, sample)
-        if self.global_step == 3:
+    def poisoned(self, sample, global_step=0):
+        result = real(self, sample, global_step)
+        if global_step == 3:
             result.loss = result.loss * float("nan")
         return result
 
-    monkeypatch.setattr(MemoryTrainingModule, "run_step", poisoned)
+    monkeypatch.setattr(MemoryStep, "step", poisoned)
     cfg = ltm_cfg(tmp_path, "nan", "trainer.max_steps=6", "trainer.ckpt_every_n_steps=2")
     with pytest.raises(FloatingPointError, match="non-finite training loss .* at step 3"):
         fit.run(cfg)
     ckpts = cfg.out_dir / "checkpoints"
     assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 2
     assert not list(ckpts.glob("step=000000004*"))
-    monkeypatch.setattr(MemoryTrainingModule, "run_step", real)
+    monkeypatch.setattr(MemoryStep, "step", real)
     fit.run(ltm_cfg(tmp_path, "nan", "trainer.max_steps=4", "trainer.ckpt_every_n_steps=2", "resume=last"))
 
 
 def tiny_module(tmp_path, cls=LtmModule, *extra):
     cfg = ltm_cfg(tmp_path, "unit", *extra) if cls is LtmModule else C.load(
-        ROOT / "experiments" / "tiny.yaml", [f"name=unit", f"run_dir={tmp_path}", *QUIET, *extra])
+        ROOT / "experiments" / "tiny.yaml", ["name=unit", f"run_dir={tmp_path}", *QUIET, *extra])
     module = cls(cfg, [5, 6])
     module.memory = module.model.new_memory()
     g = torch.Generator().manual_seed(0)
     for _ in range(8):
         module.model.inject(module.memory, torch.randint(3, 512, (1, 12), generator=g), generator=g)
-    module.row_doc = torch.full(module.memory.ranks.shape, -1)
     return module
 
 
@@ -125,7 +124,7 @@ def test_step_kinds_write_the_memory_and_train_the_right_adapter(tmp_path, kind)
     module = tiny_module(tmp_path, LtmModule, "step.full_context_ratio=0", "step.revisit=false",
                          f"step.multi_chunk_ratio={1.0 if kind == 'multi' else 0.0}")
     ltm_before = len(module.memory.ltm)
-    result = module.run_step(sample(n_contexts=3))
+    result = module.memory_step.step(sample(n_contexts=3))
     assert result.kind == kind
     result.loss.backward()
     grads = {n: p.grad for n, p in module.model.named_parameters() if p.requires_grad}
@@ -144,7 +143,7 @@ def test_step_kinds_write_the_memory_and_train_the_right_adapter(tmp_path, kind)
 def test_one_chunk_documents_keep_the_gradient_through_the_injection(tmp_path):
     module = tiny_module(tmp_path, LtmModule, "step.full_context_ratio=0", "step.revisit=false",
                          "step.multi_chunk_ratio=1.0")
-    result = module.run_step(sample(n_contexts=1))
+    result = module.memory_step.step(sample(n_contexts=1))
     result.loss.backward()
     g = module.model.layers[0].self_attn.q_proj.lora_B["write"].weight.grad
     assert result.kind == "multi" and g is not None and g.abs().sum() > 0
@@ -159,7 +158,7 @@ def test_activation_checkpointing_gives_the_same_gradients_for_both_adapters(tmp
             from mplus_lightning.distributed import checkpoint_layers
             checkpoint_layers(module.model)
         torch.manual_seed(0)
-        loss = module.run_step(sample(n_contexts=1)).loss
+        loss = module.memory_step.step(sample(n_contexts=1)).loss
         loss.backward()
         grads.append({n.replace("._checkpoint_wrapped_module", ""): p.grad.clone()
                       for n, p in module.model.named_parameters() if p.grad is not None})
@@ -182,7 +181,7 @@ def test_pool_shrink_moves_the_oldest_rows_into_the_long_term_memory():
     rows, keys, ltm_ages = out.ltm.view(0)
     torch.testing.assert_close(rows, ordered[0, :16])
     assert torch.equal(ltm_ages, ages[0, :16])
-    torch.testing.assert_close(keys, small("keys", ordered[:, :16])[0])
+    torch.testing.assert_close(keys, small.ltm_keys(ordered[:, :16])[0])
     with pytest.raises(ValueError, match="can shrink .* but not grow"):
         fit_pool(small.new_memory(), MPlus(tiny_config(num_blocks=8, num_ltm_blocks=0)))
 
@@ -231,7 +230,21 @@ def test_bf16_precision_keeps_the_memory_in_bf16_and_trains(tmp_path):
     assert module.memory_dtype == torch.bfloat16
     module.memory.to(dtype=module.memory_dtype)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        result = module.run_step(sample(n_contexts=2))
+        result = module.memory_step.step(sample(n_contexts=2))
     result.loss.backward()
     assert torch.isfinite(result.loss) and module.memory.rows.dtype == torch.bfloat16
     assert module.memory.ltm.rows.dtype == torch.bfloat16
+
+
+def test_bf16_one_chunk_multi_step_keeps_the_gradient_through_the_injection(tmp_path):
+    # bf16-mixed without FSDP: the memory is bf16, the write pass returns float32 under autocast; the view of the
+    # committed rows must take the new block in its own dtype (this crashed in scatter_ with a dtype mismatch).
+    module = tiny_module(tmp_path, LtmModule, "trainer.precision=bf16-mixed", "step.full_context_ratio=0",
+                         "step.revisit=false", "step.multi_chunk_ratio=1.0")
+    module.memory.to(dtype=module.memory_dtype)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result = module.memory_step.step(sample(n_contexts=1))
+    result.loss.backward()
+    g = module.model.layers[0].self_attn.q_proj.lora_B["write"].weight.grad
+    assert result.kind == "multi" and result.metrics["num_contexts"] == 1 and torch.isfinite(result.loss)
+    assert g is not None and g.abs().sum() > 0 and module.memory.rows.dtype == torch.bfloat16

@@ -10,12 +10,8 @@ and is asked about by name: the prompt "Recall: Alice Moreno" is answered with "
 held-out facts tell city, year and employer in turn. Why this shape: answering is then a lookup a tiny transformer
 forms within minutes, the induction pattern ("find the name earlier in the memory, continue with what followed
 it"), and the row written at the answer token carries the name before it, which the retriever can match (the
-retriever's positives are that row: `Sample.retrieval_positions`). Measured on
-the way here: with sentences ("... was born in Lisbon in 1987 ...") and questions like "Where was Alice Moreno
-born? Answer:" the demo's 2-layer model never learned the lookup (CPU sweeps; 6,000 steps on a GPU) and answered
-with a fact of the right kind chosen at random; with three-attribute records ("Alice Moreno Lisbon 1987 Ardent")
-it learned the lookup, but the year and employer rows follow the city, not the name, so the retriever could not
-find them (M+ 25% on cities, 1-5% on the others, far from the fact).
+retriever's positives are that row: `Sample.retrieval_positives`). The shapes tried before this one, and
+what they scored, are in docs/demo-history.md.
 
 People are split into three disjoint sets of (first, last) pairs: `train` (the only ones training ever sees), `val`
 (validation during training) and `heldout` (the retention evaluation). A held-out person shares first and last
@@ -26,7 +22,7 @@ about them by reading the fact back from its memory.
 
     facts.json                                 every person with their fact text and questions, per split
     retention/val_data.json                    held-out (context, question, answer) items: the evaluation's
-                                               "processed" layout (mplus_lightning/data/retention.py)
+                                               "processed" layout (mplus_lightning/eval/data/retention.py)
     retention/unrelated_contexts_from_train.json   training facts, injected between a fact and its question
     tokenizer_texts.txt                        what the demo's tokenizer is trained on
 
@@ -260,21 +256,10 @@ def load_corpus(path: str | Path) -> FactCorpus:
 # ---------------------------------------------------------------------------------------------------- samples
 @dataclass
 class FactSample(Sample):
-    target_mask: torch.Tensor | None = None
-    """1-D bool, same length as `target`: False = no loss on that token (the question part)."""
+    """A facts sample: `target_mask` is False on the questions' prompts (the loss falls on the answers)."""
+
     answer: str = ""
     """The answer string (for inspection; training uses the ids)."""
-
-    def to(self, device: torch.device | str) -> "FactSample":
-        """A copy on `device` that keeps the mask (Lightning moves batches with `.to`)."""
-        out = super().to(device)
-        out.target_mask = None if self.target_mask is None else self.target_mask.to(device)
-        return out
-
-    def pin_memory(self) -> "FactSample":
-        out = super().pin_memory()
-        out.target_mask = None if self.target_mask is None else self.target_mask.pin_memory()
-        return out
 
 
 class FactEncoder:
@@ -348,10 +333,16 @@ def make_fact_sample(people: Sequence[Person], rng: random.Random, enc: FactEnco
         masks.append(m)
     contexts = [enc.context(people[i]) for i in chosen]
     first_person = people[chosen[asked[0]]]
+    # The retriever learns to fetch the first question's answer rows, queried by that question's prompt: labels of
+    # "every fact this sample wrote" cannot be learnt from a question about one person, and of the asked fact's rows
+    # the reader copies the answer from the answer's (with only that row retrieved a stage-3 demo model answered
+    # 53-57% of facts 78 tokens old, with only the name rows 8-12%; trained on all rows of the fact, the retriever
+    # fetched the name rows).
+    positives = [torch.zeros(len(c), dtype=torch.bool) for c in contexts]
+    positives[asked[0]][answer_positions(contexts[asked[0]], enc.ids(" " + first_person.value))] = True
     return FactSample(contexts=contexts, target=torch.cat(ids), doc_id=doc_id, source=source, position=position,
-                      target_mask=torch.cat(masks), answer=first_person.value, retrieval_chunk=asked[0],
-                      retrieval_query_tokens=int(masks[0].int().argmax()),   # up to its first scored token
-                      retrieval_positions=answer_positions(contexts[asked[0]], enc.ids(" " + first_person.value)))
+                      target_mask=torch.cat(masks), answer=first_person.value, retrieval_positives=positives,
+                      retrieval_query_tokens=int(masks[0].int().argmax()))   # up to its first scored token
 
 
 def answer_positions(context: torch.Tensor, answer_ids: list[int]) -> list[int]:
@@ -373,7 +364,7 @@ def make_induction_sample(rng: random.Random, token_range: tuple[int, int], *, l
     """Random tokens in which a random segment (8-40 tokens) occurs a second time, at a random later offset; the loss
     is on the second occurrence after its first token. Only an induction head predicts it (find the current token
     earlier, copy what followed): the circuit that answering "Recall: <name>" needs. It forms on this task within
-    ~800 steps of the demo's model, and did not form from the facts alone (module docstring)."""
+    ~800 steps of the demo's model, and did not form from the facts alone (docs/demo-history.md)."""
     low, high = token_range
     seg_len = rng.randint(8, min(40, length // 2))
     ids = [rng.randrange(low, high) for _ in range(length)]
@@ -424,8 +415,8 @@ class FactStream(IterableDataset):
                 sample.target, sample.target_mask = self.enc.repeat_target(sample.contexts)
             else:
                 sample.repeat = True
-            # the copy is about every fact
-            sample.retrieval_chunk = sample.retrieval_query_tokens = sample.retrieval_positions = None
+            # the copy is about every fact: the official labels
+            sample.retrieval_positives = sample.retrieval_query_tokens = None
         return sample
 
     def namesakes(self, n: int, rng: random.Random) -> list[Person]:
@@ -564,7 +555,7 @@ class FactsDataModule(TokenizedDataModule):
         return self._enc
 
     def setup(self, stage: str | None = None) -> None:
-        _ = self.corpus, self.tokenizer   # fail on a missing corpus or a bad tokenizer before training starts
+        _ = self.corpus, super().setup(stage)   # a missing corpus or a bad tokenizer fails before training starts
 
     def build_train_dataset(self, rank: int | None = None, world_size: int | None = None,
                             skip: int | None = None) -> FactStream:

@@ -3,30 +3,34 @@
 Every pass loops over the HF decoder layers. Memory rows act only as keys/values: a layer's memory prefix
 `[bos_l ; rows]` goes through that layer's RMSNorm_in and k/v projections (with the active LoRA adapter) and RoPE at
 the rows' positions, and is placed in the KV cache before the layer runs on the real tokens. Real tokens attend
-to every prefix row and causally to each other (bottom-right aligned). See research/model.md §4-5.
+to every prefix row and causally to each other (bottom-right aligned), as in the official code.
 
 Sequence layouts (positions):
   write  [bos 0 ; previous block 1..K ; chunk K+1..K+n]; the new memory embedding e is added to the last K query rows
-         at every layer; if n < K the last K-n previous rows are re-processed as queries (model.md §4.1).
+         at every layer; if n < K the last K-n previous rows are re-processed as queries (as officially).
   read   [bos 0 ; retrieved LTM rows, oldest first, ending at K0 ; STM row of rank r at 1+K0+r ; prompt 1+K0+N...].
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
 from torch import nn
 from transformers import LlamaForCausalLM
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer, rotate_half
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding, rotate_half
 
+from . import formats
 from .adapters import READ, WRITE, activate, add_lora_adapters, lora_modules
 from .configuration import MPlusConfig
+from .decoding import decode_loop, pick_token
 from .memory import LongTermMemory, MemoryState
-from .retriever import Retriever, mean_sigmoid_scores, select_oldest_first
+from .profiling import region
+from .retriever import Retriever
+from .tensor_files import read_tensors, weight_files
 
 
 def _check_transformers(version: str) -> None:
@@ -105,6 +109,7 @@ class MemoryKVCache:
         return self.lengths[layer_idx]
 
 
+@region("mask")
 def bottom_right_causal_mask(q: int, total: int, dtype: torch.dtype, device) -> torch.Tensor:
     """[1, 1, q, total] additive mask: query i sees keys 0 .. total-q+i (every prefix row and itself)."""
     i = torch.arange(q, device=device)[:, None]
@@ -140,6 +145,7 @@ class MemoryDecoderLayer(LlamaDecoderLayer):
             self._lora_cache = lora_modules(self)
         return self._lora_cache
 
+    @region("memory_kv")
     def memory_kv(self, rows: torch.Tensor, positions: torch.Tensor, rotary: nn.Module
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys/values of memory rows [B, p, d] at RoPE `positions` [B, p] -> ([B, Hkv, p, hd], same)."""
@@ -202,22 +208,28 @@ class ReadView:
     `kv_version` (the in-place versions of the memory's rows and ranks) and the layer's weights' versions, so any
     commit, edit or weight update recomputes them."""
     kv_version: tuple = ()
+    ltm_query_lengths: list[int] | None = None
+    """Per layer, how many leading query tokens retrieve the long-term rows (training: the official random prefix,
+    `Decisions.ltm_query_lengths`); None: all of them, as at inference."""
 
 
-@dataclass
 class RetrieverProbe:
-    """Retriever training scores of a read pass (research/model.md §7.5), collected inside each layer.
+    """Retriever training scores of a read pass, collected inside each layer.
 
     Per layer: queries f_q(RMSNorm_in(h)) of a random-length prefix of the target (`lengths[l]` tokens), keys
     f_k(RMSNorm_in(row)) of the view's rows, both on detached inputs (the retriever loss trains only the retriever);
     w = mean sigmoid(q . k) per row. With `encoder_queries` (row indices into the view), the encoder retriever
     f_q^enc scores the same rows from those rows' own states.
+
+    A plain class, not a dataclass: FSDP2 rebuilds dataclass arguments of a forward when it casts them to the
+    compute dtype, and the scores would be collected in that copy instead of this probe.
     """
 
-    lengths: list[int]
-    encoder_queries: torch.Tensor | None = None
-    scores: list = field(default_factory=list)
-    encoder_scores: list = field(default_factory=list)
+    def __init__(self, lengths: list[int], encoder_queries: torch.Tensor | None = None):
+        self.lengths = list(lengths)
+        self.encoder_queries = encoder_queries
+        self.scores: list[torch.Tensor] = []
+        self.encoder_scores: list[torch.Tensor] = []
 
     def score(self, layer: "MemoryDecoderLayer", l: int, h: torch.Tensor, rows: torch.Tensor) -> None:
         if layer.retriever is None:
@@ -388,10 +400,12 @@ class MPlus(nn.Module):
         rows_l, pos_l = view.rows[layer_idx][None], view.positions[layer_idx][None]
         ltm = view.ltm
 
+        @region("read_prefix")
         def prefix(layer: MemoryDecoderLayer, h: torch.Tensor):
             if probe is not None:
                 probe.score(layer, layer_idx, h, view.rows[layer_idx])
-            picked, ltm_pos = self._retrieve(layer, layer_idx, h, ltm, K0, retrieved)
+            queries = h if view.ltm_query_lengths is None else h[:, : view.ltm_query_lengths[layer_idx]]
+            picked, ltm_pos = self._retrieve(layer, layer_idx, queries, ltm, K0, retrieved)
             if view.kv_store is not None:
                 # The view rows' K/V come from the store; only BOS and the retrieved rows are projected here.
                 return picked, ltm_pos, self._cached_kv(view, layer_idx, layer)
@@ -407,19 +421,15 @@ class MPlus(nn.Module):
         B = h.shape[0]
         if ltm is None or ltm.size == 0:
             return h.new_zeros(B, 0, h.shape[2]), torch.zeros(B, 0, dtype=torch.long, device=h.device)
-        rows, keys, ages = ltm.view(layer_idx)
         with torch.no_grad():  # retrieval is a selection: no gradient flows through it (official: no_grad)
             queries = layer.retriever.query_proj(layer.input_layernorm(h))
-            scores = mean_sigmoid_scores(queries, keys.to(queries.dtype))
-            if ltm.pinned is not None:   # the top-k takes pinned rows first; they are still ordered oldest first
-                scores = scores.index_fill(1, ltm.pinned[layer_idx].to(scores.device), float("inf"))
-            idx = select_oldest_first(scores, ages, K0)  # [B, m]
+            idx = ltm.retrieve(layer_idx, queries, K0)  # [B, m], oldest first
         if retrieved is not None:
             retrieved.append(idx)
         m = idx.shape[1]
         # Fewer than K0 stored rows: they sit right before the STM, so the STM and prompt keep their positions.
         ltm_pos = torch.arange(1 + K0 - m, 1 + K0, device=h.device).expand(B, m)
-        return rows[idx].to(h.dtype), ltm_pos
+        return ltm.view(layer_idx)[0][idx].to(h.dtype), ltm_pos
 
     def prefix_length(self, memory: MemoryState) -> int:
         """Memory rows (BOS included) in front of a read: 1 + min(K0, stored LTM rows) + N."""
@@ -434,28 +444,27 @@ class MPlus(nn.Module):
                       prefix=self._read_prefix(view, l, retrieved, probe))
         return h
 
+    @region("lm_head")
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.llama.lm_head(self.llama.model.norm(h))
 
-    # ---- training entry point (everything a training step computes goes through the root forward: FSDP) ------
-    def forward(self, op: str, *args, **kwargs):
-        """`model("write", ids, previous)` -> delta [L, K, d] (with gradients when enabled);
-        `model("lm_loss", ids, loss_mask, view, probe=None)` -> (mean CE over masked-in next tokens, token count);
-        `model("keys", rows)` -> retrieval keys [L, k, s] of rows [L, k, d];
-        `model("plain_lm_loss", ids, loss_mask)` -> (mean CE, token count, greedy hits) of the plain Llama on a batch
-        [B, n] (no memory, no adapter: the `pretrain` stage of a from-scratch backbone)."""
-        if op == "write":
-            ids, previous = args
-            return self._write_layers(self._embed(ids), previous)
-        if op == "lm_loss":
-            return self._lm_loss(*args, **kwargs)
-        if op == "plain_lm_loss":
-            ids, loss_mask = args
-            return self._next_token_loss(self._backbone_hidden(ids, adapter=None), ids, loss_mask,
-                                         with_accuracy=True)
-        if op == "keys":
-            return self.ltm_keys(*args)
-        raise ValueError(f"unknown op {op!r}: expected 'write', 'lm_loss', 'plain_lm_loss' or 'keys'")
+    # ---- training entry points (FSDP2 registers each as a forward: distributed.shard_backbone) -------------------
+    TRAINING_ENTRY_POINTS = ("write_pass", "lm_loss", "plain_lm_loss", "ltm_keys")
+    """The methods a training step calls on the model; under FSDP2 each gathers the root's shards like a forward."""
+
+    def forward(self, *args, **kwargs):
+        raise TypeError("MPlus has no forward(): training calls model.write_pass / lm_loss / plain_lm_loss / ltm_keys, "
+                        "inference model.write / inject / read / generate")
+
+    def write_pass(self, ids: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """The update pass over a chunk ids [1, n] after the previous block [L, K, d] -> delta [L, K, d], with
+        gradients when enabled (training; `write` is the checked, gradient-free version for a memory)."""
+        return self._write_layers(self._embed(ids), previous)
+
+    def plain_lm_loss(self, ids: torch.Tensor, loss_mask: torch.Tensor):
+        """(mean CE, token count, greedy hits) of the plain Llama on a batch ids [B, n] where loss_mask [B, n] says
+        (no memory, no adapter: the `pretrain` stage of a from-scratch backbone)."""
+        return self._next_token_loss(self._backbone_hidden(ids, adapter=None), ids, loss_mask, with_accuracy=True)
 
     def delta_view(self, delta: torch.Tensor, adapter: str = WRITE) -> ReadView:
         """A view of only the K rows just written (single-chunk training: the target reads [bos ; delta])."""
@@ -463,9 +472,10 @@ class MPlus(nn.Module):
         pos = torch.arange(1, K + 1, device=delta.device).expand(L, K)
         return ReadView(rows=delta, positions=pos, query_start=K + 1, adapter=adapter)
 
-    def _lm_loss(self, ids: torch.Tensor, loss_mask: torch.Tensor, view: ReadView,
-                 probe: RetrieverProbe | None = None, with_accuracy: bool = False):
-        """(mean CE, token count[, greedy next-token hits]) over the masked-in next tokens of `ids`."""
+    def lm_loss(self, ids: torch.Tensor, loss_mask: torch.Tensor, view: ReadView,
+                probe: RetrieverProbe | None = None, with_accuracy: bool = False):
+        """(mean CE, token count[, greedy next-token hits]) over the masked-in next tokens of `ids` [B, n] read
+        against `view` (`view(memory)`, `delta_view(delta)`); with `probe`, the retriever's training scores too."""
         h = self._read_layers(view, self._embed(ids), MemoryKVCache(len(self.layers)), probe=probe)
         return self._next_token_loss(h, ids, loss_mask, with_accuracy)
 
@@ -558,44 +568,93 @@ class MPlus(nn.Module):
         eos = self.llama.config.eos_token_id if eos_token_id == -1 else eos_token_id
         if isinstance(eos, (list, tuple)):
             eos = eos[0]
-        B, n = ids.shape
+        n = ids.shape[1]
         cache = MemoryKVCache(len(self.layers), capacity=self.prefix_length(memory) + n + max_new_tokens)
         h = self._read_layers(self.view(memory), self._embed(ids), cache)
-        logits = self._logits(h[:, -1])
-        out, finished = [ids], torch.zeros(B, dtype=torch.bool, device=ids.device)
-        position = 1 + self.config.ltm_read_rows + memory.size + n
-        for step in range(max_new_tokens):
-            if do_sample:
-                scores = logits.float() / temperature
-                if top_k:
-                    kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[:, -1:]
-                    scores = scores.masked_fill(scores < kth, float("-inf"))
-                token = torch.multinomial(torch.softmax(scores, -1), 1, generator=generator)[:, 0]
-            else:
-                token = logits.argmax(-1)
-            if eos is not None:
-                token = torch.where(finished, torch.full_like(token, eos), token)
-                finished |= token == eos
-            out.append(token[:, None])
-            if step == max_new_tokens - 1 or (eos is not None and bool(finished.all())):
-                break
-            h = self._embed(token[:, None])
-            pos = self._positions(h, position)
+        first_position = 1 + self.config.ltm_read_rows + memory.size + n
+
+        def step(tokens: torch.Tensor, i: int) -> torch.Tensor:
+            h = self._embed(tokens)
+            pos = self._positions(h, first_position + i)
             for layer in self.layers:
                 h = layer(h, adapter=self.read_adapter, position_embeddings=pos, rotary=self.rotary, cache=cache)
-            logits = self._logits(h[:, -1])
-            position += 1
-        return torch.cat(out, dim=1)
+            return self._logits(h[:, -1])
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            return pick_token(logits, do_sample=do_sample, temperature=temperature, top_k=top_k, generator=generator)
+
+        new = decode_loop(self._logits(h[:, -1]), step, max_new_tokens, stop_ids=() if eos is None else (eos,),
+                          pick=pick)
+        return torch.cat([ids, new], dim=1)
 
     # ---- persistence ------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32,
                         device: torch.device | str = "cpu") -> "MPlus":
-        """Load an official release directory (MPlus / MemoryLLM) or one written by `save_pretrained`."""
-        from .official import load_model
-        return load_model(path, dtype=dtype, device=device)
+        """Load an official release directory (MPlus / MemoryLLM) or one written by `save_pretrained`, for inference:
+        in eval mode (LoRA dropout off), with the rotary frequencies as the checkpoint was trained (pass `dtype`
+        rather than casting afterwards: `.to(bfloat16)` rounds them). Its memory: `MemoryState.from_pretrained`."""
+        path = Path(path)
+        config = MPlusConfig.from_json(path / "config.json")
+        state = formats.read_weights(path, config)
+        model = _empty_model(config, dtype, device)
+        formats.load_state_strict(model, {k: v.to(dtype) for k, v in state.items()}, str(path))
+        if config.llama.get("tie_word_embeddings"):
+            model.llama.tie_weights()
+        model.freeze_backbone()
+        return model.eval()
+
+    def for_training(self) -> "MPlus":
+        """This model set up for our training stages: train mode (the loaders return eval-mode models) and rotary
+        frequencies in float32, recorded in its config, which is how our training computes them; so a run that
+        starts from an official release exports a model that loads as it was trained."""
+        self.config = self.config.replace(rope_inv_freq_dtype="float32")
+        _rebuild_rotary(self)
+        return self.train()
 
     def save_pretrained(self, out_dir: str | Path, memory: MemoryState | None = None) -> None:
         """A self-contained directory: config.json, model.safetensors (our names) and memory/ (if given)."""
-        from .official import save_model
-        save_model(self, out_dir, memory)
+        formats.save_model_state(self.config, self.state_dict(), out_dir, memory)
+
+
+def _empty_model(config: MPlusConfig, dtype: torch.dtype, device) -> MPlus:
+    """An MPlus with uninitialised storage on `device` (no random init of billions of weights)."""
+    with torch.device("meta"):
+        model = MPlus(config)
+    model.to_empty(device=device)
+    model = model.to(dtype)
+    _rebuild_rotary(model)
+    return model
+
+
+def _rebuild_rotary(model: MPlus) -> None:
+    """Rebuild the RoPE buffers (non-persistent: in no checkpoint) as the model was trained: in its config's
+    `rope_inv_freq_dtype` whatever the weights' dtype, or, unrecorded (official releases), rounded to the weights'
+    dtype as the official README's model.to(bfloat16) does, so that the rotary angles match the release's."""
+    recorded = model.config.rope_inv_freq_dtype
+    dtype = model.dtype if recorded is None else getattr(torch, recorded)
+    model.llama.model.rotary_emb = LlamaRotaryEmbedding(model.llama.config).to(device=model.device, dtype=dtype)
+
+
+def load_llama(llama_dir: str | Path, config: MPlusConfig, *, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> MPlus:
+    """An MPlus around the weights of a plain HF Llama directory (adapters, BOS vectors, retrievers freshly made)."""
+    path = Path(llama_dir)
+    files = weight_files(path)
+    base = read_tensors(files, list(files))
+    with torch.device("cpu"):
+        model = MPlus(config).to(dtype)   # fresh adapters/retrievers with their normal initialisation
+    own = model.state_dict()
+    state = dict(own)
+    for key, t in base.items():
+        ours = "llama." + key
+        if ours not in own:
+            ours = ours.replace(".weight", ".base_layer.weight")
+        if ours not in own:
+            raise ValueError(f"{path}: weight {key} has no place in an MPlus built from the given config")
+        state[ours] = t.to(dtype)
+    formats.load_state_strict(model, state, str(path))
+    model._init_memory_parameters()
+    model = model.to(device)
+    _rebuild_rotary(model)   # `.to(dtype)` above cast the frequencies too: rebuild them as the config says
+    return model

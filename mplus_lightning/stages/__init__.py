@@ -1,6 +1,20 @@
-"""One thin LightningModule per training stage on a shared base (stages/base.py)."""
-from .base import MemoryTrainingModule
-from .pretrain import PretrainModule
-from .stages import LtmModule, Stage1Module, Stage2Module, module_for
+"""One thin LightningModule per training stage (stages.py, pretrain.py) on a shared base (base.py); the step itself
+is plain torch (step.py).
 
-__all__ = ["MemoryTrainingModule", "PretrainModule", "Stage1Module", "Stage2Module", "LtmModule", "module_for"]
+The LightningModules are imported on first use, so that `mplus_lightning.stages.step` runs without Lightning.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {"MemoryTrainingModule": ".base", "PretrainModule": ".pretrain", "Stage1Module": ".stages",
+         "Stage2Module": ".stages", "LtmModule": ".stages", "module_for": ".stages"}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name], __name__), name)

@@ -14,18 +14,11 @@ import torch
 
 from ..config import RunConfig
 from ..model import LongTermMemory, MemoryState, MPlus, MPlusConfig
-from ..model.official import load_llama, load_model, load_state_strict, _read, _weight_files
+from ..model.formats import load_state_strict
+from ..model.mplus import load_llama
+from ..model.tensor_files import read_tensors, weight_files
 
 log = logging.getLogger(__name__)
-
-
-def model_config(cfg: RunConfig, llama: dict | None = None) -> MPlusConfig:
-    m = cfg.model
-    return MPlusConfig(
-        llama=dict(llama if llama is not None else m.llama), num_tokens=m.num_tokens, num_blocks=m.num_blocks,
-        num_ltm_blocks=m.num_ltm_blocks, add_selector=m.add_selector, add_encoder_retriever=m.add_encoder_retriever,
-        selector_hidden_dim=m.selector_hidden_dim, num_selector_layers=m.num_selector_layers, lora_r=m.lora_r,
-        lora_alpha=m.lora_alpha, lora_dropout=m.lora_dropout, ltm_capacity=m.ltm_capacity)
 
 
 def _require_dir(path: str | None, what: str) -> Path:
@@ -41,7 +34,7 @@ def build_model(cfg: RunConfig) -> MPlus:
     """The model a run starts from: init_from (previous stage) > model.init; trainable parts per the config."""
     model = _build_weights(cfg)
     model.freeze_backbone(cfg.model.train_backbone)
-    return model
+    return model.for_training()   # Lightning does not switch modes at fit start; loaders return eval-mode models
 
 
 def _build_weights(cfg: RunConfig) -> MPlus:
@@ -50,15 +43,15 @@ def _build_weights(cfg: RunConfig) -> MPlus:
         return _from_previous_stage(cfg, _require_dir(cfg.init_from, "init_from"))
     m = cfg.model
     if m.init == "tiny":
-        return MPlus(model_config(cfg))
+        return MPlus(m.to_mplus_config())
     if m.init == "llama":
         path = _require_dir(m.path, "model.path (a local HF Llama directory, e.g. Llama-3.1-8B)")
         import json
         llama = json.loads((path / "config.json").read_text())
-        return load_llama(path, model_config(cfg, llama))
+        return load_llama(path, m.to_mplus_config(llama))
     path = _require_dir(m.path, "model.path (an official release or our export)")
-    model = load_model(path)
-    _check_same_architecture(model.config, model_config(cfg, model.config.llama), str(path))
+    model = MPlus.from_pretrained(path)
+    _check_same_architecture(model.config, m.to_mplus_config(model.config.llama), str(path))
     return model
 
 
@@ -72,12 +65,12 @@ def _check_same_architecture(have: MPlusConfig, want: MPlusConfig, source: str) 
 def _from_previous_stage(cfg: RunConfig, path: Path) -> MPlus:
     """This run's architecture with the previous stage's weights; only new retriever weights may be missing."""
     prev = MPlusConfig.from_json(path / "config.json")
-    config = model_config(cfg, prev.llama)
+    config = cfg.model.to_mplus_config(prev.llama)
     if config.num_tokens != prev.num_tokens:
         raise ValueError(f"init_from {path}: num_tokens {prev.num_tokens} -> {config.num_tokens} cannot change")
     model = MPlus(config)
-    files = _weight_files(path)
-    state = {k: v for k, v in _read(files, list(files)).items()}
+    files = weight_files(path)
+    state = read_tensors(files, list(files))
     own = model.state_dict()
     fresh = sorted(k for k in own if k not in state)
     if any("retriever" not in k for k in fresh):
@@ -125,7 +118,7 @@ def fit_pool(memory: MemoryState, model: MPlus) -> MemoryState:
     d = memory.hidden_size
     moved = torch.gather(memory.rows, 1, old_slots[..., None].expand(-1, -1, d))
     moved_ages = torch.gather(memory.ages, 1, old_slots)
-    memory.ltm.add(moved, model("keys", moved), moved_ages)
+    memory.ltm.add(moved, model.ltm_keys(moved), moved_ages)
     rows = torch.gather(memory.rows, 1, keep_slots[..., None].expand(-1, -1, d))
     ages = torch.gather(memory.ages, 1, keep_slots)
     L = memory.num_layers

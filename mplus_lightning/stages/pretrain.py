@@ -34,7 +34,7 @@ class PretrainModule(TrainingRecipe, L.LightningModule):
     def training_step(self, batch, batch_idx):
         self._start_clock()
         ids, mask = batch["input_ids"], batch["loss_mask"]
-        loss, count, hits = self.model("plain_lm_loss", ids, mask)
+        loss, count, hits = self.model.plain_lm_loss(ids, mask)
         self.stop_if_not_finite(loss, f"pretrain batch of {ids.shape[0]} sequences")
         self.count_samples(ids.shape[0])
         elapsed = self._lap()
@@ -46,7 +46,7 @@ class PretrainModule(TrainingRecipe, L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        loss, count, hits = self.model("plain_lm_loss", batch["input_ids"], batch["loss_mask"])
+        loss, count, hits = self.model.plain_lm_loss(batch["input_ids"], batch["loss_mask"])
         n = batch["input_ids"].shape[0]
         self.log("val/loss", loss, batch_size=n, sync_dist=True)
         self.log("val/token_acc", hits.float() / count.clamp(min=1), batch_size=n, sync_dist=True)

@@ -1,4 +1,5 @@
-"""The three memory stages (they share the step, base.py; each checks what its stage needs), and the stage names."""
+"""The three memory stages (they share base.py's module and step.py's step; each checks what its stage needs), and
+the stage names."""
 
 from __future__ import annotations
 
