@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)  ## create .venv and install the package (idempotent)
 
-test: setup  ## run the whole test suite (what CI runs)
+test: setup  ## lint (ruff) and run the whole test suite (what CI runs)
+	$(PY) -m ruff check .
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m pytest $(PYTEST_ARGS)
 
 demo: setup  ## the embedded default: tiny M+ on CPU — inject facts, read them back, print a table

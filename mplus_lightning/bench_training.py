@@ -18,23 +18,20 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaForCausalLM
 
-from .config import RunConfig
+from .config import ModelConfig, RunConfig
 from .data.sample import Sample
 from .stages import LtmModule
-from .stages.base import RevisitCache
+from .stages.step import RevisitCache
 
 KINDS = ("full", "revisit", "multi", "multi_one_chunk", "single")
 CONTEXT_CHUNKS = 4
 
 
 def _module(shape, seed: int = 0) -> LtmModule:
-    cfg = RunConfig(name="bench", stage="ltm")
     mc = shape.config(ltm_capacity=shape.ltm_rows + 64 * shape.num_tokens)
-    m = cfg.model
-    m.init, m.llama = "tiny", mc.llama
-    m.num_tokens, m.num_blocks, m.num_ltm_blocks = mc.num_tokens, mc.num_blocks, mc.num_ltm_blocks
-    m.add_selector, m.selector_hidden_dim, m.add_encoder_retriever = True, mc.selector_hidden_dim, True
-    m.lora_r, m.lora_alpha, m.lora_dropout, m.ltm_capacity = mc.lora_r, mc.lora_alpha, 0.0, mc.ltm_capacity
+    # The stage-3 step also trains the encoder retriever, which the inference shapes leave out.
+    model = ModelConfig(init="tiny", llama=mc.llama, **{**mc.architecture_fields(), "add_encoder_retriever": True})
+    cfg = RunConfig(name="bench", stage="ltm", model=model)
     cfg.step.retriever_loss = True
     cfg.step.num_contexts_schedule = [[0, CONTEXT_CHUNKS]]
     cfg.step.max_seq_length = 4 * shape.chunk_tokens
@@ -49,7 +46,6 @@ def _module(shape, seed: int = 0) -> LtmModule:
     module.memory.ltm.add(torch.randn(L, shape.ltm_rows, d, generator=g) * 0.02,
                           torch.randn(L, shape.ltm_rows, s, generator=g),
                           torch.randint(0, 10 ** 6, (L, shape.ltm_rows), generator=g))
-    module.row_doc = torch.full(module.memory.ranks.shape, -1, dtype=torch.long)
     return module
 
 
@@ -65,8 +61,8 @@ def _configure(module: LtmModule, kind: str, shape, g: torch.Generator) -> Sampl
     s.revisit, s.pass_ratio = kind == "revisit", 0.0
     if kind == "revisit":
         target = torch.randint(3, shape.vocab, (1, shape.prompt_tokens), generator=g)
-        module.revisit = RevisitCache(ids=target, mask=torch.ones_like(target, dtype=torch.bool), doc=0,
-                                      chunks_since=1)
+        module.memory_step.revisit = RevisitCache(ids=target, mask=torch.ones_like(target, dtype=torch.bool), doc=0,
+                                                  chunks_since=1)
     return _sample(shape, 1 if kind in ("multi_one_chunk", "single") else CONTEXT_CHUNKS, g)
 
 
@@ -97,7 +93,7 @@ def run_training(shape, threads: int = 2, repeats: int = 3) -> dict[str, Any]:
     for kind in KINDS:
         def step(kind=kind):
             sample = _configure(module, kind, shape, g)
-            result = module.run_step(sample)
+            result = module.memory_step.step(sample)
             assert result.kind == kind.split("_")[0], (kind, result.kind)
             result.loss.backward()
             opt.step()

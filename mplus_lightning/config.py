@@ -1,8 +1,10 @@
 """The run configuration: typed OmegaConf dataclasses, merged as defaults <- YAML <- `key=value` overrides.
 
 Every knob of the official recipe is a field here with the official value as its default (stage-1 values where the
-stages differ; `experiments/stage2.yaml` and `ltm.yaml` set the others). Unknown keys and wrong types are errors that
-name the key. `load(path, overrides)` returns a validated `RunConfig`.
+stages differ; `experiments/stage2.yaml` and `ltm.yaml` set the others) and a docstring, which `mplus-fit --describe`
+prints and `to_yaml` (`--print-config`, a run's config.yaml) writes as a comment above each key. The memory fields of
+the `model` group are `MPlusConfig`'s own (`MemoryArchitecture`), converted by `ModelConfig.to_mplus_config` alone.
+Unknown keys and wrong types are errors that name the key. `load(path, overrides)` returns a validated `RunConfig`.
 """
 
 from __future__ import annotations
@@ -11,43 +13,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING
+
+from .model.configuration import MemoryArchitecture, MPlusConfig
+from .typed_config import ConfigError, describe, merge, parse_overrides, read_yaml, summary, to_commented_yaml
 
 STAGES = ("pretrain", "stage1", "stage2", "ltm")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(MemoryArchitecture):
+    """The model: where its weights come from, its memory and adapter sizes, what trains. The memory fields are
+    `MPlusConfig`'s own (one default each); `to_mplus_config` is the one conversion."""
+
     init: str = "tiny"
     """Where the weights come from: `tiny` (random tiny Llama from `llama`), `llama` (a local HF Llama directory in
     `path`), `pretrained` (an official release or our export in `path`, memory included)."""
     path: Optional[str] = None
     """Local directory for init=llama / pretrained."""
     llama: dict[str, Any] = field(default_factory=dict)
-    """LlamaConfig fields for init=tiny (hidden_size, num_hidden_layers, vocab_size, ...)."""
-    num_tokens: int = 256
-    """K: memory rows written per update."""
-    num_blocks: int = 50
-    """Blocks of K rows attended at read time (short-term + retrieved long-term)."""
-    num_ltm_blocks: int = 0
-    """Blocks of K rows retrieved from the long-term memory (stage 3: 10; 0 = MemoryLLM)."""
-    add_selector: bool = False
-    """Build the retriever (stage 2 on)."""
-    add_encoder_retriever: bool = True
-    selector_hidden_dim: int = 256
-    num_selector_layers: int = 2
-    lora_r: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.1
-    ltm_capacity: int = 153_600
-    """Long-term rows per layer before the oldest leave."""
+    """LlamaConfig fields for init=tiny (hidden_size, num_hidden_layers, vocab_size, ...); for init=llama /
+    pretrained they come from the directory's config.json."""
     train_backbone: bool = False
     """Also train the Llama weights (official: frozen). For tiny models trained from scratch (the CPU demo)."""
+
+    def to_mplus_config(self, llama: dict[str, Any] | None = None) -> MPlusConfig:
+        """The model's configuration: these memory fields with `llama` (default: this group's `llama`)."""
+        return MPlusConfig(llama=dict(self.llama if llama is None else llama), **self.architecture_fields())
 
 
 @dataclass
 class DataConfig:
+    """The training data: which DataModule, its arguments, the repeat task's instruction."""
+
     kind: str = "synthetic"
     """DataModule: synthetic | fineweb | slimpajama | mixture | facts (see mplus_lightning/data)."""
     params: dict[str, Any] = field(default_factory=dict)
@@ -58,7 +56,7 @@ class DataConfig:
 
 @dataclass
 class StepConfig:
-    """The training step (research/training.md §1.4-1.5). Official config names in brackets."""
+    """The training step: its step kinds, losses and schedules. Official config names in brackets."""
 
     full_context_ratio: float = 0.1
     """P(full-context LM step, no injection) [full_context_and_sentence_training_ratio]."""
@@ -82,23 +80,32 @@ class StepConfig:
     retriever_loss: bool = False
     """Add the class-balanced BCE retriever losses (stages 2-3) on multi-chunk and revisit steps."""
     encoder_retriever_loss: bool = True
+    """With retriever_loss: also train the encoder retriever (queries from the newest memory block) on the rows of
+    the same target, as official stages 2-3 do (needs model.add_encoder_retriever)."""
     negative_loss_weight: float = 1.0
+    """Weight of the negatives' half of each retriever BCE loss (official: 1)."""
     random_retriever_length: bool = True
     """Retriever queries come from a random-length prefix of the target, as in the official training."""
 
 
 @dataclass
 class OptimConfig:
+    """The optimizer (AdamW, two parameter groups) and its learning-rate schedule."""
+
     lr: float = 4.6e-5
     """Main group (LoRA, BOS vectors, new-memory embedding). Never scaled by the GPU count (official: x #GPUs)."""
     selector_lr: float = 1e-4
     """Retriever group."""
     weight_decay: float = 0.01
+    """AdamW weight decay of both groups (official: 0.01, torch's default)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas (official: torch's default [0.9, 0.999])."""
     schedule: str = "linear"
     """linear (decay to final_lr_factor over decay_steps, then constant) | constant."""
     final_lr_factor: float = 0.1
+    """schedule=linear: the learning rate ends at lr * final_lr_factor (official stage 1: 0.1)."""
     decay_steps: int = 100_000
+    """schedule=linear: steps of the linear decay, after which the rate stays constant (official stage 1: 100k)."""
     warmup_steps: int = 0
     """Linear warm-up from 0 over the first steps (either schedule; 0 = none, as official)."""
     grad_clip: float = 0.0
@@ -107,32 +114,51 @@ class OptimConfig:
 
 @dataclass
 class TrainerConfig:
+    """The Lightning Trainer: devices, precision, sharding, steps, validation, checkpoints and logs."""
+
     max_steps: int = 1_200_000
+    """Optimizer steps of the run (official stage 1: 1.2M steps on 8 GPUs)."""
     accelerator: str = "auto"
+    """Lightning accelerator: auto | cpu | gpu | cuda."""
     devices: int = 1
+    """Devices per node (official: 8 GPUs)."""
     num_nodes: int = 1
+    """Nodes; each runs `devices` processes."""
     precision: str = "bf16-mixed"
+    """Lightning precision: bf16-mixed (official: the model in bf16) | 32-true (CPU, tests) | 16-mixed."""
     strategy: str = "auto"
     """auto (one device) | fsdp2 (ModelParallelStrategy, fully_shard per decoder layer) | ddp."""
     activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass (less memory, more compute; official: off)."""
     accumulate_grad_batches: int = 1
     """Samples (memory stages) or batches (pretrain) whose gradients add up before one optimizer step."""
     val_every_n_steps: int = 10_000
+    """Validate every this many training steps (official: 10,000)."""
     val_batches: int = 50
+    """Validation samples (memory stages) or batches (pretrain) per validation."""
     ckpt_every_n_steps: int = 10_000
+    """Write a checkpoint (plus each rank's memory) every this many steps; last.ckpt is always the newest."""
     keep_checkpoints: int = 3
+    """Newest step checkpoints kept besides last.ckpt (official: 3)."""
     log_every_n_steps: int = 10
+    """Write the TensorBoard scalars every this many steps."""
     progress_bar: bool = True
+    """Show Lightning's progress bar (false for logs written to files)."""
     seed: int = 42
+    """Seeds the initial weights and step decisions (the same on every rank), each rank's evictions and starting
+    pool, and Lightning's RNGs (official: 42)."""
 
 
 @dataclass
 class RunConfig:
+    """One training run: the top-level keys plus the groups model, data, step, optim and trainer."""
+
     name: str = MISSING
     """Run name: outputs go to <run_dir>/<name>/ (checkpoints/, tensorboard/, config.yaml, export/)."""
     stage: str = "stage1"
     """pretrain (plain Llama, batched in-context data: backbones trained from scratch) | stage1 | stage2 | ltm."""
     run_dir: str = "checkpoints/runs"
+    """Parent directory of the runs' output directories."""
     init_from: Optional[str] = None
     """Previous stage's export directory (<run>/export): weights and memory start there (pool resized as needed)."""
     resume: Optional[str] = None
@@ -146,10 +172,6 @@ class RunConfig:
     @property
     def out_dir(self) -> Path:
         return Path(self.run_dir) / self.name
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key."""
 
 
 def _validate(cfg: RunConfig) -> None:
@@ -183,36 +205,29 @@ def _validate(cfg: RunConfig) -> None:
 
 def load(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """defaults <- YAML file <- `a.b=value` overrides, type-checked; errors name the offending key."""
-    schema = OmegaConf.structured(RunConfig)
-    layers: list[DictConfig] = [schema]
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found (see experiments/ for the shipped ones)")
-        try:
-            layers.append(OmegaConf.load(path))
-        except Exception as e:  # yaml syntax errors come in several types
-            raise ConfigError(f"{path} is not valid YAML: {e}") from None
-    try:
-        if overrides:
-            bad = [o for o in overrides if "=" not in o]
-            if bad:
-                raise ConfigError(f"overrides must look like key=value, got {bad}")
-            layers.append(OmegaConf.from_dotlist(overrides))
-        merged = OmegaConf.merge(*layers)
-        cfg: RunConfig = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        key = getattr(e, "full_key", None)
-        msg = str(e).splitlines()[0]
-        raise ConfigError(f"config key {key!r}: {msg}" if key else f"config: {msg}") from None
+    sources = [read_yaml(path)] if path is not None else []
+    if overrides:
+        sources.append(parse_overrides(overrides))
+    cfg: RunConfig = merge(RunConfig, sources, what="run config", missing_hint="{key}=... or `{key}:` in the YAML")
     _validate(cfg)
     return cfg
 
 
 def to_yaml(cfg: RunConfig) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The resolved config as YAML, each key under a comment with its docstring (`load` reads it back)."""
+    return to_commented_yaml(cfg)
 
 
 def save(cfg: RunConfig, path: str | Path) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(to_yaml(cfg))
+
+
+def describe_fields(group: str | None = None) -> str:
+    """Every run-config key (or those of `group`, e.g. `model` or `optim.lr`) with type, default and docstring."""
+    return describe(RunConfig, group)
+
+
+def groups_help() -> str:
+    """One line per config group and top-level key (for `--help`)."""
+    return summary(RunConfig)

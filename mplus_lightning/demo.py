@@ -21,6 +21,7 @@
    model, retention/ with results.json, retention.png and TensorBoard scalars, demo_summary.json).
 
 `--quick` runs the same pipeline at a miniature size (a few steps per stage, a few evaluation items), for tests.
+How the recipe (corpus shape, pretrain stage, learning rates, step counts) was found: docs/demo-history.md.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import torch
 
 from . import config as config_lib
 from .data import facts as facts_lib
-from .eval.io import iter_jsonl
+from .data.files import iter_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = (("pretrain", "demo_pretrain.yaml"), ("stage1", "demo_stage1.yaml"), ("stage2", "demo_stage2.yaml"),
@@ -169,7 +170,7 @@ def newest_fact_answers(items_file: Path, data_dir: Path) -> dict[str, dict[int,
 
 def summarize(results: dict, model_config, timings: dict[str, float], total_s: float,
               newest: dict[str, dict[int, float]] | None = None) -> dict[str, Any]:
-    """The table rows and the targets of issue #7, from the retention results."""
+    """The table rows and the demo's targets (`TARGETS`, `BUDGET_S`), from the retention results."""
     N, K = model_config.stm_rows, model_config.num_tokens
     modes = results["modes"]
     ref = modes.get("mplus") or next(iter(modes.values()))

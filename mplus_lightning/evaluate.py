@@ -1,13 +1,14 @@
 """Evaluate an M+ / MemoryLLM checkpoint (our export or an official release directory).
 
-    python -m mplus_lightning.evaluate retention --model DIR --data data/squad [--out DIR] [key=value ...]
-    python -m mplus_lightning.evaluate longbook  --model DIR --data data/infinitebench/longbook_qa_eng.jsonl
-    python -m mplus_lightning.evaluate longbench --model DIR --data data/longbench [max_length=16384]
-    python -m mplus_lightning.evaluate cost      --model DIR [lengths=[16384,32768]]
+    mplus-evaluate retention --model DIR --data data/squad [--out DIR] [key=value ...]
+    mplus-evaluate longbook  --model DIR --data data/infinitebench/longbook_qa_eng.jsonl
+    mplus-evaluate longbench --model DIR --data data/longbench [max_length=16384]
+    mplus-evaluate cost      --model DIR [lengths=[16384,32768]]
 
-Defaults come from experiments/eval_<task>.yaml (or --config FILE); flags and key=value overrides win. Results go
-to --out (default checkpoints/eval/<task>/<model name>): items.jsonl (one line per finished item; rerunning the same
-command resumes), results.json / cost.json, a table (.md), a plot (.png) and TensorBoard scalars.
+(`python -m mplus_lightning.evaluate` is the same command.) Defaults come from experiments/eval_<task>.yaml (or
+--config FILE); flags and key=value overrides win. Results go to --out (default checkpoints/eval/<task>/<model
+name>): items.jsonl (one line per finished item; rerunning the same command resumes), results.json / cost.json, a
+table (.md), a plot (.png) and TensorBoard scalars.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import json
 import logging
 import sys
 
-from .eval.config import TASKS, ConfigError, load_config
+from .eval.config import TASKS, ConfigError, describe_fields, load_config, to_yaml
+from .typed_config import summary
 
 HELP = {
     "retention": "knowledge retention on SQuAD / NaturalQA (accuracy vs tokens injected after the context)",
@@ -27,12 +29,19 @@ HELP = {
 }
 
 
+EPILOG = """every task's config holds the common keys (model, tokenizer, data, out, device, dtype, seed, limit, ...)
+plus its own: `mplus-evaluate TASK --help` lists them with one line each, `mplus-evaluate TASK --describe [KEY]`
+prints each with its type, default and meaning, and `--print-config` the resolved config as commented YAML."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m mplus_lightning.evaluate", description=__doc__,
+    p = argparse.ArgumentParser(prog="mplus-evaluate", description=__doc__, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="task", required=True, metavar="{" + ",".join(TASKS) + "}")
     for task in TASKS:
-        s = sub.add_parser(task, help=HELP[task], description=HELP[task])
+        s = sub.add_parser(task, help=HELP[task], description=HELP[task],
+                           epilog=f"config keys (defaults: experiments/eval_{task}.yaml):\n" + summary(TASKS[task]),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
         s.add_argument("--model", help="checkpoint directory (our export or an official release)")
         s.add_argument("--data", help="data file or directory" + (" (unused)" if task == "cost" else ""))
         s.add_argument("--tokenizer", help="tokenizer directory or tokenizer.json (default: the model directory)")
@@ -44,17 +53,31 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--overwrite", action="store_true", default=None, help="discard earlier results in --out")
         s.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                        help="no progress bars")
+        s.add_argument("--print-config", action="store_true",
+                       help="print the resolved config as YAML, each key under its docstring, and exit")
+        s.add_argument("--describe", nargs="?", const="", metavar="KEY",
+                       help="print every config key (or just KEY) with its type, default and meaning, and exit")
         s.add_argument("overrides", nargs="*", metavar="key=value", help="any config key, e.g. distances=[0,1000]")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.describe is not None:
+        try:
+            print(describe_fields(args.task, args.describe or None), end="")
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     flags = {k: getattr(args, k) for k in ("model", "data", "tokenizer", "out", "device", "dtype", "limit",
                                           "overwrite", "progress")}
     try:
         cfg = load_config(args.task, args.config, args.overrides, flags)
+        if args.print_config:
+            print(to_yaml(cfg), end="")
+            return 0
         result = run(args.task, cfg)
     except (ConfigError, FileNotFoundError, ValueError) as e:   # DataFormatError and EvalInputError are ValueErrors
         print(f"error: {e}", file=sys.stderr)

@@ -1,6 +1,6 @@
 """Export a training checkpoint as a self-contained model directory that `MPlus.from_pretrained` reads.
 
-    python -m mplus_lightning.export CKPT OUT [--rank R]
+    mplus-export CKPT OUT [--rank R]        (or: python -m mplus_lightning.export CKPT OUT [--rank R])
 
 CKPT is a Lightning checkpoint of `mplus_lightning.fit`: a single file (one device) or the directory of a sharded
 FSDP2 checkpoint. The memory comes from rank R's state saved beside it (default 0; every rank has its own).
@@ -16,8 +16,8 @@ from pathlib import Path
 import torch
 
 from .model.configuration import MPlusConfig
+from .model.formats import save_model_state
 from .model.memory import MemoryState
-from .model.official import save_model_state
 from .stages.base import rank_state_path
 
 MODEL_PREFIX = "model."   # the LightningModule holds the MPlus as `self.model`
@@ -55,7 +55,7 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, rank: int = 0) -> P
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mplus_lightning.export", description=__doc__,
+    parser = argparse.ArgumentParser(prog="mplus-export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("ckpt", help="a .ckpt file or a sharded checkpoint directory")
     parser.add_argument("out", help="output directory")

@@ -1,7 +1,8 @@
-"""Train one stage: `python -m mplus_lightning.fit --config experiments/X.yaml [key=value ...]`.
+"""Train one stage: `mplus-fit --config experiments/X.yaml [key=value ...]` (or `python -m mplus_lightning.fit`).
 
 Precedence: config defaults <- the YAML file <- key=value overrides (e.g. `trainer.max_steps=100 optim.lr=1e-5`).
-`--print-config` prints the resolved config and exits. Outputs go to <run_dir>/<name>/:
+`--print-config` prints the resolved config (each key under a comment saying what it does) and exits; `--describe
+[GROUP]` lists every key with its type, default and meaning. Outputs go to <run_dir>/<name>/:
   config.yaml         the resolved config
   checkpoints/        Lightning checkpoints (+ each rank's memory beside them); last.ckpt is the newest
   tensorboard/        TensorBoard logs (`tensorboard --logdir <run_dir>`)
@@ -76,7 +77,8 @@ def check_layout(cfg: RunConfig, datamodule) -> None:
     in_context = bool(getattr(datamodule, "in_context", False))
     if cfg.stage == "pretrain" and not in_context:
         raise ConfigError(f"stage pretrain trains the plain Llama on batches of in-context text: data.kind="
-                          f"{cfg.data.kind} has no such layout (use data.kind=facts with data.params.layout=in_context)")
+                          f"{cfg.data.kind} has no such layout (use data.kind=facts with "
+                          "data.params.layout=in_context)")
     if cfg.stage != "pretrain" and in_context:
         raise ConfigError(f"stage {cfg.stage} injects facts into memory: set data.params.layout=memory (in_context "
                           "is for stage pretrain)")
@@ -113,9 +115,9 @@ def build_trainer(cfg: RunConfig, callbacks: list | None = None) -> L.Trainer:
 
     t = cfg.trainer
     out = cfg.out_dir
-    checkpoint = MemoryCheckpoint(dirpath=out / "checkpoints", filename="step={step:09d}", auto_insert_metric_name=False,
-                                  every_n_train_steps=t.ckpt_every_n_steps, save_last=True,
-                                  save_top_k=t.keep_checkpoints, monitor="step", mode="max")
+    checkpoint = MemoryCheckpoint(dirpath=out / "checkpoints", filename="step={step:09d}",
+                                  auto_insert_metric_name=False, every_n_train_steps=t.ckpt_every_n_steps,
+                                  save_last=True, save_top_k=t.keep_checkpoints, monitor="step", mode="max")
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
         strategy=build_strategy(cfg), max_steps=t.max_steps, max_epochs=-1,
@@ -149,19 +151,39 @@ def export(trainer: L.Trainer, module, out_dir: Path) -> None:
 
     state = full_state_dict(trainer, module.model)
     if trainer.global_rank == 0:
-        from .model.official import save_model_state
+        from .model.formats import save_model_state
         save_model_state(module.model.config, state, out_dir, module.memory)
         log.info("exported %s", out_dir)
     trainer.strategy.barrier("export")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m mplus_lightning.fit", description=__doc__,
+def build_parser() -> argparse.ArgumentParser:
+    epilog = ("config groups and top-level keys (`--describe GROUP` prints each key of one with its type, default "
+              "and meaning;\n`--describe` all of them):\n" + config_lib.groups_help())
+    parser = argparse.ArgumentParser(prog="mplus-fit", description=__doc__, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file (see experiments/)")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    parser.add_argument("--config", help="YAML file (see experiments/); required unless --describe")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config as YAML, each key under its docstring, and exit")
+    parser.add_argument("--describe", nargs="?", const="", metavar="GROUP",
+                        help="print every config key (or those of GROUP: model, data, step, optim, trainer, or one "
+                             "key such as optim.lr) with its type, default and meaning, and exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=10")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.describe is not None:
+        try:
+            print(config_lib.describe_fields(args.describe or None), end="")
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    if args.config is None:
+        parser.error("--config is required (a YAML file such as experiments/stage1.yaml)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     try:
         cfg = config_lib.load(args.config, args.overrides)

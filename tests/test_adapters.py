@@ -1,4 +1,4 @@
-"""Canary for the peft internals we rely on to pick an adapter per forward (DESIGN.md §3.4)."""
+"""Canary for the peft internals we rely on to pick an adapter per forward."""
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 

@@ -44,3 +44,19 @@ def test_check_tokenizer_against_model_vocab(tok):
 def test_tiny_tokenizer_needs_room_for_bytes(tmp_path):
     with pytest.raises(ValueError, match="at least 256 bytes"):
         train_tiny_tokenizer(["a b c"], 100, tmp_path / "t")
+
+
+def test_one_tokenizer_loader_for_training_and_evaluation(tok, tok_dir, tmp_path):
+    from tokenizers import Tokenizer
+
+    from mplus_lightning.eval import runtime
+
+    assert runtime.load_tokenizer is load_tokenizer and runtime.encode is encode
+    text = "kalo <s> mi"
+    from_file = load_tokenizer(tok_dir / "tokenizer.json")           # a bare tokenizer.json (--tokenizer FILE)
+    assert encode(from_file, text) == encode(tok, text)
+    bare = Tokenizer.from_file(str(tok_dir / "tokenizer.json"))      # not a HF tokenizer: its encode(...).ids
+    assert encode(bare, "kalo mi") == encode(tok, "kalo mi")
+    (tmp_path / "none").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no tokenizer in .*none.*tokenizer_config\.json / tokenizer\.model"):
+        load_tokenizer(tmp_path / "none")

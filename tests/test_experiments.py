@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from mplus_lightning import MPlus, config as C, fit
 from mplus_lightning.model.configuration import MPlusConfig
 from mplus_lightning.stages import module_for
-from mplus_lightning.stages.build import initial_memory
+from mplus_lightning.stages.build import build_model, initial_memory
 
 from .test_data_common import slim_built, slim_src, texts, tok, tok_dir, write_parquet  # noqa: F401 (fixtures)
 
@@ -34,7 +34,7 @@ def stand_ins(tmp_path_factory, slim_built, tok_dir):  # noqa: F811
     MPlus(MPlusConfig(llama=LLAMA, num_tokens=256, num_blocks=50, num_ltm_blocks=0, add_selector=False, lora_r=2,
                       selector_hidden_dim=8)).save_pretrained(root / "stage1_export",
                                                              memory=None)
-    s2 = MPlus(MPlusConfig(llama=LLAMA, num_tokens=256, num_blocks=50, num_ltm_blocks=0, lora_r=16,
+    s2 = MPlus(MPlusConfig(llama=LLAMA, num_tokens=256, num_blocks=50, num_ltm_blocks=0, add_selector=True, lora_r=16,
                            selector_hidden_dim=256))
     mem = s2.new_memory()
     mem.initialized = True
@@ -105,3 +105,40 @@ def test_missing_paths_are_named(tmp_path):
     cfg = C.load(ROOT / "experiments" / "stage1.yaml", [f"run_dir={tmp_path}", f"model.path={tmp_path}"])
     with pytest.raises(C.ConfigError, match="data.params.path, data.params.tokenizer must be set"):
         fit.build_datamodule(cfg)
+
+
+# The model each shipped recipe builds (MPlusConfig's memory and adapter fields), as recorded while the run config
+# and the model config still had separate defaults: a recipe that leans on a default must keep building this model.
+# num_tokens, num_blocks, num_ltm_blocks, add_selector, add_encoder_retriever, selector_hidden_dim,
+# num_selector_layers, lora_r, lora_alpha, lora_dropout, ltm_capacity
+BUILT = {
+    "stage1.yaml": (256, 50, 0, False, True, 256, 2, 16, 32.0, 0.1, 153_600),
+    "stage2.yaml": (256, 50, 0, True, True, 256, 2, 16, 32.0, 0.1, 153_600),
+    "ltm.yaml": (256, 50, 10, True, True, 256, 2, 16, 32.0, 0.1, 153_600),
+    "ltm_2x8.yaml": (256, 50, 10, True, True, 256, 2, 16, 32.0, 0.1, 153_600),
+    "tiny.yaml": (8, 6, 0, False, True, 16, 2, 4, 8.0, 0.0, 256),
+    "tiny_stage2.yaml": (8, 6, 0, True, True, 16, 2, 4, 8.0, 0.0, 256),
+    "tiny_ltm.yaml": (8, 6, 2, True, True, 16, 2, 4, 8.0, 0.0, 256),
+    "demo_pretrain.yaml": (6, 8, 0, False, True, 32, 2, 8, 16.0, 0.0, 1024),
+    "demo_stage1.yaml": (6, 8, 0, False, True, 32, 2, 8, 16.0, 0.0, 1024),
+    "demo_stage2.yaml": (6, 8, 0, True, True, 32, 2, 8, 16.0, 0.0, 1024),
+    "demo_ltm.yaml": (6, 8, 2, True, True, 32, 2, 8, 16.0, 0.0, 1024),
+}
+
+
+def test_every_training_recipe_is_pinned():
+    assert set(BUILT) == {p.name for p in (ROOT / "experiments").glob("*.yaml") if "stage" in OmegaConf.load(p)}
+
+
+@pytest.mark.parametrize("name", sorted(BUILT))
+def test_each_recipe_builds_the_model_config_it_always_built(name):
+    cfg = C.load(ROOT / "experiments" / name)
+    built = cfg.model.to_mplus_config(None if cfg.model.llama else LLAMA)
+    assert tuple(built.architecture_fields().values()) == BUILT[name]
+    assert built.llama == (cfg.model.llama or LLAMA)
+    assert (built.drop_memory_per_layer, built.two_adapters) == (True, True), "fields no run config sets"
+
+
+def test_build_model_uses_the_one_conversion():
+    cfg = C.load(ROOT / "experiments" / "tiny_ltm.yaml", ["init_from=null"])
+    assert build_model(cfg).config == cfg.model.to_mplus_config()

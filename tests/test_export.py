@@ -6,7 +6,8 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 from mplus_lightning import MemoryState, MPlus, tiny_config
-from mplus_lightning.model.official import load_llama, save_official
+from mplus_lightning.model.formats import save_official
+from mplus_lightning.model.mplus import load_llama
 
 from .conftest import FIXTURES, random_ids
 

@@ -1,6 +1,6 @@
 """Training data: the document -> sample rule, sharded and resumable streams, one DataModule per dataset.
 
-* `sample`: `Sample`, `SampleRule`, `make_sample` (research/training.md §1.3 in one place).
+* `sample`: `Sample`, `SampleRule`, `make_sample` (the official rule, in one place).
 * `tokenizer`: `load_tokenizer`, `encode`, `check_tokenizer`, `train_tiny_tokenizer`.
 * `stream`: `SampleStream` (rank/worker sharding, resume, epoch ends), `SampleLoader`, `collate_single`,
   `SampleDataModule` (carries ``samples_consumed`` in checkpoints), `SyntheticDataModule`.
@@ -8,8 +8,11 @@
 * `slimpajama`: the long-document bucket builder (``python -m mplus_lightning.data.slimpajama build``) and
   `SlimPajamaDataModule`.
 * `mixture`: `MixtureDataModule` (stages 2/3: fine-web + buckets by ratio).
+* `facts`: `FactsDataModule` (the CPU demo's generated facts about people).
+* `files`: reading text/JSON/JSON Lines inputs with errors naming file and line (shared with the evaluation readers,
+  which live in `mplus_lightning.eval.data`).
 
-Evaluation sets (retention, long books, LongBench) live beside these in their own modules.
+`data.kind` in a run config names one of these DataModules: the registry is `mplus_lightning.fit.DATAMODULES`.
 
 Names are imported on first use, so that ``python -m mplus_lightning.data.slimpajama`` does not import its own module
 twice and ``import mplus_lightning.data`` stays cheap.
@@ -24,23 +27,16 @@ _EXPORTS = {
     "Sample": "sample", "SampleRule": "sample", "make_sample": "sample",
     "load_tokenizer": "tokenizer", "encode": "tokenizer", "check_tokenizer": "tokenizer",
     "train_tiny_tokenizer": "tokenizer",
-    "DataFormatError": "stream", "DocumentSource": "stream", "SampleDataModule": "stream", "SampleLoader": "stream",
+    "DataFormatError": "files", "DocumentSource": "stream", "SampleDataModule": "stream", "SampleLoader": "stream",
     "SampleStream": "stream", "SourceSpec": "stream", "SyntheticDataModule": "stream",
     "SyntheticDocuments": "stream", "collate_single": "stream",
     "FineWebDataModule": "fineweb",
     "BUCKETS": "slimpajama", "SlimPajamaDataModule": "slimpajama", "build_buckets": "slimpajama",
     "MixtureDataModule": "mixture", "STAGE2_RATIOS": "mixture", "STAGE3_RATIOS": "mixture",
+    "FactsDataModule": "facts",
 }
 
-DATAMODULE_PATHS = {
-    "synthetic": "mplus_lightning.data.stream:SyntheticDataModule",
-    "fineweb": "mplus_lightning.data.fineweb:FineWebDataModule",
-    "slimpajama": "mplus_lightning.data.slimpajama:SlimPajamaDataModule",
-    "mixture": "mplus_lightning.data.mixture:MixtureDataModule",
-}
-"""`DataConfig.kind` -> ``module:Class`` of the training DataModules; each takes `DataConfig.params` as keywords."""
-
-__all__ = sorted([*_EXPORTS, "DATAMODULE_PATHS"])
+__all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

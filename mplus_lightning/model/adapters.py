@@ -3,8 +3,8 @@
 Both are injected with peft into the Llama layers. The adapter is chosen per forward, per decoder layer, by setting
 the private `_active_adapter` of that layer's LoRA modules; we never call `set_adapter`, which silently freezes the
 other adapter, and the choice is an argument of the layer's forward so that activation checkpointing recomputes
-with the same adapter (DESIGN.md §3.4, research/probes/e3.py). tests/test_adapters.py holds the canary that fails
-if peft renames the attribute.
+with the same adapter (a switch stored on the modules would be seen in its later state by the recomputation).
+tests/test_adapters.py holds the canary that fails if peft renames the attribute.
 """
 
 from __future__ import annotations

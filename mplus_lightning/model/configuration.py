@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import LlamaConfig
 
 # Fields of config.json that describe memory, not the Llama backbone.
@@ -27,8 +28,51 @@ _MEMORY_FIELDS = {
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def _is_float_dtype_name(name: Any) -> bool:
+    dtype = getattr(torch, str(name), None)
+    return isinstance(dtype, torch.dtype) and dtype.is_floating_point
+
+
 @dataclass
-class MPlusConfig:
+class MemoryArchitecture:
+    """The memory and adapter sizes a run chooses: the run config's `model` group and `MPlusConfig` both inherit
+    them, so each has one type, one default and one docstring. Defaults are the official stage-1 values (MemoryLLM:
+    no long-term memory, no retriever); the official stage 3 sets num_ltm_blocks: 10 and add_selector: true."""
+
+    num_tokens: int = 256
+    """K: memory rows written per update, and old rows the write pass sees (official: 256)."""
+    num_blocks: int = 50
+    """Blocks of K rows attended at read time, short-term pool and retrieved long-term rows together (official: 50,
+    i.e. 12,800 rows)."""
+    num_ltm_blocks: int = 0
+    """Blocks of K rows retrieved per layer from the long-term memory (official stage 3: 10); the short-term pool
+    keeps the other num_blocks - num_ltm_blocks. 0 = MemoryLLM, no long-term memory (stages 1-2)."""
+    add_selector: bool = False
+    """Build the per-layer retriever (query and key MLPs): required when num_ltm_blocks > 0; the official training
+    adds it in stage 2."""
+    add_encoder_retriever: bool = True
+    """Also build the retriever's query MLP on the write pass (official: true; trained in stages 2-3, never used at
+    inference)."""
+    selector_hidden_dim: int = 256
+    """s: width of retrieval keys and queries (official: 256)."""
+    num_selector_layers: int = 2
+    """Depth of each retriever MLP: 2 = Linear(d, 2s) - SiLU - Linear(2s, s) (official), 1 = Linear(d, s)."""
+    lora_r: int = 16
+    """Rank of the LoRA adapters on q/k/v/gate/up/down of every layer (official: 16)."""
+    lora_alpha: float = 32.0
+    """LoRA scale numerator: an adapter's output is multiplied by lora_alpha / lora_r (official: 32)."""
+    lora_dropout: float = 0.1
+    """Dropout on the adapters' input while training (official: 0.1)."""
+    ltm_capacity: int = 153_600
+    """Long-term rows kept per layer before the oldest leave (official steady state: about 150k)."""
+
+    def architecture_fields(self) -> dict[str, Any]:
+        """These fields as keyword arguments (to build one config's twin: run config <-> MPlusConfig)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(MemoryArchitecture)}
+
+
+@dataclass
+class MPlusConfig(MemoryArchitecture):
     """Everything that shapes an M+ / MemoryLLM model. Names follow the official config.json.
 
     K = `num_tokens` rows are written per update. The model attends to `num_blocks` blocks of K rows at read time:
@@ -38,30 +82,17 @@ class MPlusConfig:
 
     llama: dict[str, Any] = field(default_factory=dict)
     """Arguments of transformers' `LlamaConfig` (hidden_size, num_hidden_layers, vocab_size, ...)."""
-    num_tokens: int = 256
-    """K: memory rows written per update (and previous-memory rows seen by the write pass)."""
-    num_blocks: int = 50
-    """Blocks of K rows attended at read time, short-term and retrieved long-term together."""
-    num_ltm_blocks: int = 10
-    """Blocks of K rows retrieved from the long-term memory per layer (0 = MemoryLLM)."""
     drop_memory_per_layer: bool = True
     """Evict independently per layer (M+ always does); False = one random choice shared by all layers."""
-    lora_r: int = 16
-    lora_alpha: float = 32
-    lora_dropout: float = 0.1
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    """The projections of every decoder layer that carry LoRA adapters."""
     two_adapters: bool = True
     """Separate `write` and `read` LoRA adapters (official add_decoder_lora); False = `write` does both."""
-    add_selector: bool = True
-    """Build the per-layer retriever (f_q, f_k). Required when num_ltm_blocks > 0; trained from stage 2 on."""
-    selector_hidden_dim: int = 256
-    """s: width of retrieval keys and queries."""
-    num_selector_layers: int = 2
-    """2: Linear(d, 2s) - SiLU - Linear(2s, s); 1: Linear(d, s)."""
-    add_encoder_retriever: bool = True
-    """Also build f_q^enc (trained in the official stages 2-3, never used at inference)."""
-    ltm_capacity: int = 153_600
-    """Long-term rows kept per layer before the oldest leave (official steady state is about 150k)."""
+    rope_inv_freq_dtype: str | None = "float32"
+    """The dtype of the rotary inverse frequencies in training, kept at load whatever the weights' dtype
+    (config.json: mplus_lightning.rope_inv_freq_dtype). float32 for models trained here (bf16-mixed and FSDP2's
+    param_dtype cast parameters, not this buffer); None (unrecorded: official releases, which were run after
+    model.to(bfloat16)) = the frequencies take the weights' dtype."""
 
     # ---- derived sizes -------------------------------------------------------------------------------------
     @property
@@ -106,6 +137,9 @@ class MPlusConfig:
             problems.append("num_ltm_blocks > 0 needs the retriever: set add_selector=true")
         if self.has_ltm and self.ltm_capacity < self.num_tokens:
             problems.append(f"ltm_capacity ({self.ltm_capacity}) must hold at least one block of {self.num_tokens}")
+        if self.rope_inv_freq_dtype is not None and not _is_float_dtype_name(self.rope_inv_freq_dtype):
+            problems.append(f"mplus_lightning.rope_inv_freq_dtype must name a torch floating dtype such as float32, "
+                            f"got {self.rope_inv_freq_dtype!r}")
         if problems:
             raise ValueError("invalid MPlusConfig: " + "; ".join(problems))
 
@@ -122,7 +156,7 @@ class MPlusConfig:
         if "num_tokens" not in d or "num_blocks" not in d:
             raise ValueError(
                 "config.json has no `num_tokens`/`num_blocks`: this is not an M+ or MemoryLLM checkpoint "
-                "(a plain Llama directory is loaded with MPlus.from_llama).")
+                "(a plain Llama directory is a training start: model.init=llama).")
         arch = (d.get("architectures") or ["MPlus"])[0]
         if arch not in ("MPlus", "MemoryLLM"):
             raise ValueError(f"config.json architectures={d.get('architectures')}: expected MPlus or MemoryLLM")
@@ -146,6 +180,7 @@ class MPlusConfig:
             num_selector_layers=int(d.get("num_selector_layers", 2)),
             add_encoder_retriever=bool(d.get("add_encoder_retriever", False)),
             ltm_capacity=int(ours.get("ltm_capacity", cls.ltm_capacity)),
+            rope_inv_freq_dtype=ours.get("rope_inv_freq_dtype"),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -168,6 +203,8 @@ class MPlusConfig:
             add_encoder_retriever=self.add_encoder_retriever,
             mplus_lightning=dict(format_version=1, ltm_capacity=self.ltm_capacity),
         )
+        if self.rope_inv_freq_dtype is not None:   # unrecorded stays unrecorded: a re-exported release loads as one
+            d["mplus_lightning"]["rope_inv_freq_dtype"] = self.rope_inv_freq_dtype
         return d
 
     @classmethod
@@ -191,7 +228,7 @@ def tiny_config(**overrides: Any) -> MPlusConfig:
                  num_key_value_heads=2, head_dim=16, max_position_embeddings=4096, rms_norm_eps=1e-5,
                  rope_theta=10000.0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
     llama.update(overrides.pop("llama", {}))
-    base = dict(llama=llama, num_tokens=8, num_blocks=6, num_ltm_blocks=2, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-                selector_hidden_dim=16, ltm_capacity=64)
+    base = dict(llama=llama, num_tokens=8, num_blocks=6, num_ltm_blocks=2, add_selector=True, lora_r=4, lora_alpha=8,
+                lora_dropout=0.0, selector_hidden_dim=16, ltm_capacity=64)
     base.update(overrides)
     return MPlusConfig(**base)

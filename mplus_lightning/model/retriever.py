@@ -1,7 +1,7 @@
 """The per-layer retriever: f_q and f_k projectors, mean-of-sigmoid scoring, top-K0 selection, BCE loss.
 
 score_j = mean_i sigmoid(f_q(RMSNorm_in(h_i)) . key_j) over the query tokens i, key_j = f_k(RMSNorm_in(row_j)) computed
-once when row j enters the long-term memory (research/model.md §7.3-7.5). No temperature, no 1/sqrt(s).
+once when row j enters the long-term memory (as officially). No temperature, no 1/sqrt(s).
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def select_oldest_first(scores: torch.Tensor, ages: torch.Tensor, k: int) -> tor
 
 def retriever_bce_loss(scores: torch.Tensor, labels: torch.Tensor, negative_weight: float = 1.0,
                        eps: float = 1e-5) -> torch.Tensor:
-    """Class-balanced BCE of research/model.md §7.5: (L_pos + lambda L_neg) / (1 + lambda).
+    """Class-balanced BCE of the official retriever training: (L_pos + lambda L_neg) / (1 + lambda).
 
     L_pos = mean over positives of -log(w + eps), L_neg = mean over negatives of -log(1 - w + eps). A class with no
     members contributes 0 (the official code would produce NaN).
