@@ -104,9 +104,10 @@ class Decisions:
 
     def ltm_query_lengths(self, target_len: int, num_layers: int) -> list[int] | None:
         """Per layer, how many leading target tokens retrieve the long-term rows of a read (asked for every read of a
-        memory with a long-term part); None: the whole target, as inference retrieves with the whole prompt. The
-        official training drew a random prefix here; tests script it (tests/test_train_parity.py)."""
-        return None
+        memory with a long-term part, with `random_retriever_length`): a random prefix, drawn apart from the
+        retriever-loss prefix, as the official training did. A query with the whole target would contain the answer,
+        which an inference prompt never does. None would mean the whole target."""
+        return [self.rank_rng.randint(1, max(1, target_len - 1)) for _ in range(num_layers)]
 
     def state_dict(self) -> dict[str, Any]:
         return {"rng": self.step_rng.getstate(), "rank_rng": self.rank_rng.getstate(),
@@ -124,7 +125,7 @@ class ScriptedDecisions(Decisions):
     Asking a method whose list is used up raises, naming it; `assert_consumed()` raises if something scripted was
     never asked for. `evictions` entries are [L, K] (or [K], the same for every layer) ranks to evict, sorted here;
     `query_lengths` and `ltm_query_lengths` entries are one length per layer. A script without `ltm_query_lengths`
-    answers it like the default (None: retrieve with the whole target).
+    answers None (retrieve with the whole target).
     """
 
     METHODS = ("full_context", "multi_chunk", "revisit", "replace_cache", "num_chunks", "evictions", "query_lengths",
@@ -182,7 +183,7 @@ class ScriptedDecisions(Decisions):
 
     def ltm_query_lengths(self, target_len: int, num_layers: int) -> list[int] | None:
         if "ltm_query_lengths" not in self.script:
-            return super().ltm_query_lengths(target_len, num_layers)
+            return None   # not scripted: retrieve with the whole target
         return self._lengths("ltm_query_lengths", num_layers)
 
     def assert_consumed(self) -> None:
@@ -412,12 +413,17 @@ class MemoryStep:
             enc = torch.argsort(memory.ranks, dim=1)[:, -memory.num_tokens:]  # newest block, per layer
         return RetrieverProbe(lengths=lengths, encoder_queries=enc)
 
-    def _view(self, memory: MemoryState, target_len: int) -> ReadView:
-        """The read view of `memory` for a target of `target_len` tokens; with a long-term part, the decisions say how
-        many of its leading tokens retrieve the long-term rows."""
+    def _view(self, memory: MemoryState, target_len: int, query_tokens: int | None = None) -> ReadView:
+        """The read view of `memory` for a target of `target_len` tokens. With a long-term part, the rows are
+        retrieved with the target's first `query_tokens` tokens when the data says which tokens ask (the question),
+        else with the prefix `decisions.ltm_query_lengths` draws (`random_retriever_length`), else the whole target."""
         view = self.model.view(memory)
         if view.ltm is not None:
-            view.ltm_query_lengths = self.decisions.ltm_query_lengths(target_len, self.model.config.num_layers)
+            L = self.model.config.num_layers
+            if query_tokens:
+                view.ltm_query_lengths = [min(query_tokens, target_len)] * L
+            elif self.cfg.random_retriever_length:
+                view.ltm_query_lengths = self.decisions.ltm_query_lengths(target_len, L)
         return view
 
     def _retriever_losses(self, probe: RetrieverProbe | None, positives: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -469,7 +475,7 @@ class MemoryStep:
                 and decide.revisit()):
             # Revisit: the document fetched for this step is not used (as official); its target waits in no cache.
             probe = self._probe(memory, c.ids.shape[1], encoder=False, query_tokens=c.query_tokens) if multi else None
-            loss, _ = model.lm_loss(c.ids, c.mask, self._view(memory, c.ids.shape[1]), probe=probe)
+            loss, _ = model.lm_loss(c.ids, c.mask, self._view(memory, c.ids.shape[1], c.query_tokens), probe=probe)
             positives = self.row_stamps == c.doc
             r_loss, metrics = self._retriever_losses(probe, positives)
             c.last_step_was_revisit = True
@@ -495,11 +501,11 @@ class MemoryStep:
                 # dtype: under bf16 autocast the memory is bf16 while the write pass returns float32.
                 rows = memory.rows.detach().to(delta.dtype, copy=True)
                 rows.scatter_(1, slots[..., None].expand(-1, -1, rows.shape[2]), delta)
-                view = self._view(memory, ids.shape[1])
+                view = self._view(memory, ids.shape[1], labels.query_tokens)
                 view.rows = rows
             else:
                 self._inject_no_grad(memory, self.row_stamps, chunks, stamps)
-                view = self._view(memory, ids.shape[1])
+                view = self._view(memory, ids.shape[1], labels.query_tokens)
             probe = self._probe(memory, ids.shape[1], encoder=True, query_tokens=labels.query_tokens)
             loss, _ = model.lm_loss(ids, mask, view, probe=probe)
             positives = self.row_stamps == doc
