@@ -39,9 +39,9 @@ import itertools
 import json
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -464,6 +464,46 @@ class InContextCollate:
         return {"input_ids": input_ids, "loss_mask": loss_mask}
 
 
+@dataclass
+class FactsParams:
+    """`data.params` of data.kind=facts (`FactsDataModule`): samples from the CPU demo's facts corpus."""
+
+    corpus: Optional[str] = None
+    """The corpus folder (or its facts.json) that `write_corpus` wrote (required)."""
+    tokenizer: Optional[str] = None
+    """The corpus's tokenizer directory (required)."""
+    num_facts: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+    """How many fact chunks a sample injects, drawn from this list..."""
+    num_facts_weights: Optional[list[float]] = None
+    """...with these weights (null: uniform)."""
+    ask: str = "uniform"
+    """Which injected fact the first question asks about: uniform | first | last."""
+    num_questions: int = 1
+    """Question/answer pairs per target."""
+    repeat_ratio: float = 0.0
+    """Share of "Repeat:" samples (the target repeats the injected facts)."""
+    val_samples: int = 16
+    """Validation samples, on people of the val split (answer accuracy: val/token_acc)."""
+    val_num_facts: int = 2
+    """Fact chunks per validation sample."""
+    fresh_attributes: bool = False
+    """Every training sample draws new attributes for its people: nothing to memorise, only reading to learn."""
+    layout: str = "memory"
+    """memory (one sample per step, facts injected: stages 1-3) | in_context (batches, for stage pretrain)."""
+    batch_size: int = 1
+    """Samples per batch of the in_context layout (the memory layout trains one sample per step)."""
+    induction_warmup: int = 0
+    """in_context layout: the first this many batches are induction samples (a repeated random segment)..."""
+    induction_ratio: float = 0.0
+    """...and this share of later samples too."""
+    namesake_ratio: float = 0.0
+    """Share of samples whose people share a first or last name (needs fresh_attributes)."""
+    seed: int = 0
+    """Data seed."""
+    vocab_size: Optional[int] = None
+    """The model's vocab size: the tokenizer is checked against it before training starts (null: not checked)."""
+
+
 class FactsDataModule(TokenizedDataModule):
     """Training samples from the facts corpus (module docstring); `data.kind: facts` in a run config.
 
@@ -494,6 +534,7 @@ class FactsDataModule(TokenizedDataModule):
     """
 
     LAYOUTS = ("memory", "in_context")
+    params_schema = FactsParams
 
     def __init__(self, corpus: str, tokenizer: str | Any, *, num_facts: Sequence[int] = (1, 2, 3, 4),
                  num_facts_weights: Sequence[float] | None = None, ask: str = "uniform", num_questions: int = 1,

@@ -66,14 +66,6 @@ class BadFiles:
         self.files.append(str(error))
         self.documents_lost += documents_read
 
-    @property
-    def count(self) -> int:
-        return len(self.files)
-
-    def summary(self) -> str:
-        return (f"left out {self.count} damaged file(s) and the {self.documents_lost} documents read from them "
-                f"before the damage (plus their unreadable rest); first: {self.files[0]}")
-
 
 ON_BAD_LINE = ("error", "skip")
 ON_BAD_FILE = ("error", "skip")

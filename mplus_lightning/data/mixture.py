@@ -21,13 +21,15 @@ When a source runs out (every document of this rank's share of it has been used 
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from .fineweb import DEFAULT_DUMP, FineWebDataModule
+from ..typed_config import ConfigError
+from .fineweb import DEFAULT_DUMP, FineWebDataModule, FineWebSelection
 from .sample import Sample, SampleRule
 from .slimpajama import BUCKETS, bucket_sources, check_bucket_tokenizer
-from .stream import SourceSpec, TokenizedDataModule
+from .stream import SourceSpec, StreamParams, TokenizedDataModule
 
 STAGE2_RATIOS: dict[str, float] = {"fineweb": 0.2, **{b: 0.2 for b in BUCKETS}}
 STAGE3_RATIOS: dict[str, float] = {"fineweb": 0.9, **{b: 0.025 for b in BUCKETS}}
@@ -39,15 +41,48 @@ def resolve_ratios(ratios: str | dict[str, float]) -> dict[str, float]:
     """A preset name (``stage2``, ``stage3`` / ``ltm``) or a dict over ``fineweb`` and the bucket names."""
     if isinstance(ratios, str):
         if ratios not in PRESETS:
-            raise ValueError(f"ratios={ratios!r}: expected one of {sorted(PRESETS)} or a dict")
+            raise ConfigError(f"ratios={ratios!r}: expected one of {sorted(PRESETS)} or a dict")
         return dict(PRESETS[ratios])
     known = {"fineweb", *BUCKETS}
     out = {str(k): float(v) for k, v in dict(ratios).items()}
     if set(out) - known:
-        raise ValueError(f"ratios: unknown source(s) {sorted(set(out) - known)}; known: {sorted(known)}")
+        raise ConfigError(f"ratios: unknown source(s) {sorted(set(out) - known)}; known: {sorted(known)}")
     if any(v < 0 for v in out.values()) or sum(out.values()) <= 0:
-        raise ValueError(f"ratios must be >= 0 with a positive sum, got {out}")
+        raise ConfigError(f"ratios must be >= 0 with a positive sum, got {out}")
     return out
+
+
+@dataclass
+class MixtureSources:
+    """The fine-web and long-document folders, their tokenizer and the mix (data.kind=mixture)."""
+
+    fineweb: Optional[str] = None
+    """The fine-web download folder (required unless ratios gives fine-web no share)."""
+    buckets: Optional[str] = None
+    """The SlimPajama builder's output folder or its val subfolder (required unless ratios gives the buckets no
+    share)."""
+    tokenizer: Optional[str] = None
+    """The local tokenizer directory the buckets were built with (required)."""
+    ratios: Any = "stage2"
+    """Share of samples per source, {fineweb: .., 4k-8k: .., 8k-16k: .., 16k-32k: .., 32k-64k: ..} (normalized), or a
+    preset: stage2 (1:1:1:1:1) | stage3 (fine-web 0.9, each bucket 0.025); shown resolved."""
+    on_exhausted: str = "cycle"
+    """When a source runs out: cycle (it starts a new pass, logged) | stop (the stream ends: one epoch)."""
+    longdoc_min_length: int = 384
+    """Shortest chunk and target of the long documents, in tokens (official: 384; fine-web uses rule.min_length)."""
+
+
+@dataclass
+class MixtureParams(StreamParams, FineWebSelection, MixtureSources):
+    """`data.params` of data.kind=mixture (`MixtureDataModule`): fine-web and the long-document buckets by ratio,
+    the official stages 2-3 data; validation uses fine-web's held-out documents."""
+
+    rule: SampleRule = field(default_factory=lambda: SampleRule(pipeline="stage2_3"))
+
+    def __post_init__(self) -> None:
+        if self.on_exhausted not in ON_EXHAUSTED:
+            raise ConfigError(f"on_exhausted={self.on_exhausted!r}: expected one of {sorted(ON_EXHAUSTED)}")
+        self.ratios = resolve_ratios(self.ratios)
 
 
 class MixtureDataModule(TokenizedDataModule):
@@ -60,7 +95,7 @@ class MixtureDataModule(TokenizedDataModule):
         tokenizer: local tokenizer directory (or a loaded tokenizer): the one the buckets were built with.
         ratios: ``stage2`` (1:1:1:1:1), ``stage3`` (0.9 fine-web, 0.025 per bucket) or a dict; normalized.
         on_exhausted: ``cycle`` (a source that runs out starts a new pass, logged) or ``stop`` (the stream ends);
-            ignored when `num_epochs` is given explicitly.
+            ignored when `num_epochs` is given (not None).
         longdoc_min_length: shortest chunk/target of the long documents (fine-web uses ``rule.min_length``).
         dump, val_docs, val_size, train_start, max_train_docs, cache_dir, text_field, on_bad_line, on_bad_file:
             fine-web options (`FineWebDataModule`); validation uses the fine-web held-out documents.
@@ -68,23 +103,26 @@ class MixtureDataModule(TokenizedDataModule):
             A rule that names no ``pipeline`` gets ``stage2_3`` (the repeat label is drawn after the split).
     """
 
+    params_schema = MixtureParams
+
     def __init__(self, fineweb: str | Path | None, buckets: str | Path | None, tokenizer: str | Path | Any, *,
                  ratios: str | dict[str, float] = "stage2", on_exhausted: str = "cycle", longdoc_min_length: int = 384,
                  dump: str | None = DEFAULT_DUMP, val_docs: int = 50_000, val_size: int = 1_000, train_start: int = 0,
                  max_train_docs: int | None = None, cache_dir: str | Path | None = None, text_field: str = "text",
                  on_bad_line: str = "error", on_bad_file: str = "error", progress: bool = True, **kwargs: Any):
         if on_exhausted not in ON_EXHAUSTED:
-            raise ValueError(f"on_exhausted={on_exhausted!r}: expected one of {sorted(ON_EXHAUSTED)}")
-        kwargs.setdefault("num_epochs", ON_EXHAUSTED[on_exhausted])
+            raise ConfigError(f"on_exhausted={on_exhausted!r}: expected one of {sorted(ON_EXHAUSTED)}")
+        if kwargs.get("num_epochs") is None:   # a run config passes every parameter, None included
+            kwargs["num_epochs"] = ON_EXHAUSTED[on_exhausted]
         kwargs["rule"] = SampleRule.from_any(kwargs.get("rule"), pipeline="stage2_3")  # the official stream's order
         super().__init__(tokenizer, **kwargs)
         self.ratios = resolve_ratios(ratios)
         self.on_exhausted, self.longdoc_min_length = on_exhausted, longdoc_min_length
         self.buckets_dir = None if buckets is None else Path(buckets)
         if self.ratios.get("fineweb", 0) > 0 and fineweb is None:
-            raise ValueError("ratios give fine-web a share but fineweb (its folder) is None")
+            raise ConfigError("ratios give fine-web a share but fineweb (its folder) is None")
         if any(self.ratios.get(b, 0) > 0 for b in BUCKETS) and buckets is None:
-            raise ValueError("ratios give the long-document buckets a share but buckets (their folder) is None")
+            raise ConfigError("ratios give the long-document buckets a share but buckets (their folder) is None")
         self.fineweb: FineWebDataModule | None = None
         """The fine-web part (its text cache, held-out split and validation set)."""
         if fineweb is not None:

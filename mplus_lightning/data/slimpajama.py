@@ -1,6 +1,6 @@
 """SlimPajama long-document buckets (stages 2/3): the builder the official repo lacks, and a reader.
 
-Build (paper App. C; research/training.md §3, eval.md §3.5)::
+Build (paper App. C)::
 
     python -m mplus_lightning.data.slimpajama build --src DIR --tokenizer PATH --out DIR --per-bucket N [--seed S]
 
@@ -28,6 +28,10 @@ How it works, and why it can be interrupted at any point:
    ``OUT/stats.json`` (the paper's Table 4: documents per bucket and share per ``redpajama_set_name``, for the whole
    scanned corpus and for the sample; also printed) and ``OUT/manifest.json``.
 
+A damaged source file (a truncated .zst) stops the build with its name; ``--on-bad-file skip`` leaves such files out
+whole, counted in ``stats.json`` (``corpus.bad_files_skipped``, ``corpus.documents_lost``) and the printed table, as
+``--on-bad-line skip`` does for malformed lines (lines whose text is not valid Unicode included).
+
 Re-running the same command after an interruption continues where it stopped; re-running with another seed or N
 redoes only steps 2-4. ``--stop-after-files K`` processes at most K source files and exits (to split a build over
 several jobs, and in tests).
@@ -45,15 +49,27 @@ import sys
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
+from ..typed_config import ConfigError
+from .files import (
+    ON_BAD_FILE,
+    ON_BAD_LINE,
+    BadLines,
+    DamagedFileError,
+    DataFormatError,
+    check_choice,
+    invalid_unicode,
+    iter_jsonl,
+    open_text,
+)
 from .fineweb import natural_key
-from .stream import (ON_BAD_LINE, BadLines, DataFormatError, SourceSpec, TextDocuments, TokenizedDataModule,
-                     iter_jsonl, open_text)
+from .sample import SampleRule
+from .stream import SourceSpec, StreamParams, TextDocuments, TokenizedDataModule
 from .tokenizer import encode, load_tokenizer, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -79,6 +95,8 @@ BUCKETS_LAYOUT = """expected buckets built by `python -m mplus_lightning.data.sl
   or the official layout DIR/<bucket>/chunk_<i>.jsonl (JSON lines with "text"; token counts are then unknown)"""
 
 BUILD, SCAN, WRITE_PROGRESS, INDEX = ".build", "scan", "write.json", "index.npz"
+BUILDER_SKIP_HINT = (" (pass --on-bad-file skip to leave damaged files out; their documents are lost and counted in "
+                     "stats.json; or replace the file and re-run)")
 
 
 # --------------------------------------------------------------------------------------------------- helpers
@@ -151,9 +169,13 @@ def _init_worker(tokenizer_path: str) -> None:
     _TOKENIZER = load_tokenizer(tokenizer_path)
 
 
-def scan_file(path: Path, rel: str, tokenizer: Any, *, byte_prefilter: bool = True, on_bad_line: str = "error"
-              ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Per-set bin counts of one source file, and (line, tokens, set) of its documents in the training buckets."""
+def scan_file(path: Path, rel: str, tokenizer: Any, *, byte_prefilter: bool = True, on_bad_line: str = "error",
+              on_bad_file: str = "error") -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Per-set bin counts of one source file, and (line, tokens, set) of its documents in the training buckets.
+
+    A damaged file raises `DamagedFileError`, or with ``on_bad_file="skip"`` counts as empty: its meta then names the
+    damage (``bad_file``) and the documents read before it (``documents_lost``).
+    """
     lo_bucket, hi_bucket = min(lo for lo, _ in BUCKETS.values()), max(hi for _, hi in BUCKETS.values())
     counts: dict[str, Counter] = defaultdict(Counter)
     sets: list[str] = []
@@ -161,21 +183,30 @@ def scan_file(path: Path, rel: str, tokenizer: Any, *, byte_prefilter: bool = Tr
     lines, ntoks, setids = [], [], []
     bad = BadLines()
     docs = 0
-    for lineno, obj in iter_jsonl(path, on_bad_line=on_bad_line, bad=bad, require=_record_check):
-        docs += 1
-        text, name = obj["text"], _set_name(obj)
-        if byte_prefilter and len(text.encode("utf-8")) < lo_bucket:
-            n = 0  # fewer bytes than 4096 -> fewer tokens than 4096
-        else:
-            n = len(encode(tokenizer, text))
-        counts[name][_bin_of(n)] += 1
-        if lo_bucket <= n < hi_bucket:
-            if name not in set_ix:
-                set_ix[name] = len(sets)
-                sets.append(name)
-            lines.append(lineno)
-            ntoks.append(n)
-            setids.append(set_ix[name])
+    try:
+        for lineno, obj in iter_jsonl(path, on_bad_line=on_bad_line, bad=bad, require=_record_check):
+            docs += 1
+            text, name = obj["text"], _set_name(obj)
+            if byte_prefilter and len(text.encode("utf-8")) < lo_bucket:
+                n = 0  # fewer bytes than 4096 -> fewer tokens than 4096
+            else:
+                n = len(encode(tokenizer, text))
+            counts[name][_bin_of(n)] += 1
+            if lo_bucket <= n < hi_bucket:
+                if name not in set_ix:
+                    set_ix[name] = len(sets)
+                    sets.append(name)
+                lines.append(lineno)
+                ntoks.append(n)
+                setids.append(set_ix[name])
+    except DamagedFileError as e:
+        if on_bad_file == "error":
+            raise DamagedFileError(f"{e}{BUILDER_SKIP_HINT}") from None
+        log.warning("left out (--on-bad-file skip) with the %d documents read from it: %s", docs, e)
+        empty = np.zeros(0, dtype=np.int64)
+        return ({"file": rel, "documents": 0, "bad_lines": bad.count, "first_bad_line": bad.first, "sets": [],
+                 "counts": {}, "bad_file": str(e), "documents_lost": docs},
+                {"line": empty, "ntok": empty, "set": empty})
     meta = {"file": rel, "documents": docs, "bad_lines": bad.count, "first_bad_line": bad.first, "sets": sets,
             "counts": {k: dict(v) for k, v in counts.items()}}
     arrays = {"line": np.asarray(lines, dtype=np.int64), "ntok": np.asarray(ntoks, dtype=np.int64),
@@ -200,9 +231,10 @@ def _load_scan(path: Path) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         return json.loads(str(z["meta"])), {k: z[k] for k in ("line", "ntok", "set")}
 
 
-def _scan_task(args: tuple[int, str, str, str, bool, str]) -> tuple[int, dict[str, Any]]:
-    index, path, rel, out, prefilter, on_bad_line = args
-    meta, arrays = scan_file(Path(path), rel, _TOKENIZER, byte_prefilter=prefilter, on_bad_line=on_bad_line)
+def _scan_task(args: tuple[int, str, str, str, bool, str, str]) -> tuple[int, dict[str, Any]]:
+    index, path, rel, out, prefilter, on_bad_line, on_bad_file = args
+    meta, arrays = scan_file(Path(path), rel, _TOKENIZER, byte_prefilter=prefilter, on_bad_line=on_bad_line,
+                             on_bad_file=on_bad_file)
     _save_scan(_scan_path(Path(out), index), meta, arrays)
     return index, meta
 
@@ -227,7 +259,7 @@ class _Pick:
 def build_buckets(src: str | Path, tokenizer: str | Path, out: str | Path, per_bucket: int, *, seed: int = 0,
                   val_per_bucket: int = 0, docs_per_shard: int = 1000, workers: int = 1, byte_prefilter: bool = True,
                   max_files: int | None = None, stop_after_files: int | None = None, on_bad_line: str = "error",
-                  progress: bool = True) -> BuildResult:
+                  on_bad_file: str = "error", progress: bool = True) -> BuildResult:
     """Build (or continue building) the long-document buckets; see the module docstring.
 
     Args:
@@ -243,15 +275,16 @@ def build_buckets(src: str | Path, tokenizer: str | Path, out: str | Path, per_b
         max_files: only the first `max_files` source files make up the corpus (a subset build).
         stop_after_files: process at most this many source files in this call, then return ``complete=False``.
         on_bad_line: ``error`` or ``skip`` (skip and count malformed lines).
+        on_bad_file: ``error`` or ``skip`` (leave damaged source files out whole, counted in the statistics).
         progress: show progress bars.
     """
     from tqdm.auto import tqdm
 
     if per_bucket < 1 or val_per_bucket < 0 or docs_per_shard < 1 or workers < 1:
-        raise ValueError(f"need per_bucket >= 1 ({per_bucket}), val_per_bucket >= 0 ({val_per_bucket}), "
+        raise ConfigError(f"need per_bucket >= 1 ({per_bucket}), val_per_bucket >= 0 ({val_per_bucket}), "
                          f"docs_per_shard >= 1 ({docs_per_shard}), workers >= 1 ({workers})")
-    if on_bad_line not in ON_BAD_LINE:
-        raise ValueError(f"on_bad_line={on_bad_line!r}: expected one of {ON_BAD_LINE}")
+    check_choice("on_bad_line", on_bad_line, ON_BAD_LINE)
+    check_choice("on_bad_file", on_bad_file, ON_BAD_FILE)
     base, files = find_source_files(src)
     if max_files is not None:
         files = files[:max_files]
@@ -262,6 +295,7 @@ def build_buckets(src: str | Path, tokenizer: str | Path, out: str | Path, per_b
     fingerprint = tokenizer_fingerprint(tok)
 
     # The scan results are valid only for the same tokenizer, files and scan options.
+    # (Not on_bad_file: a damaged file has no scan result in error mode, and one left out by skip is refused below.)
     scan_cfg = {"tokenizer": fingerprint, "files": rels, "byte_prefilter": byte_prefilter, "on_bad_line": on_bad_line,
                 "buckets": BUCKETS}
     cfg_path = out / BUILD / "config.json"
@@ -269,7 +303,7 @@ def build_buckets(src: str | Path, tokenizer: str | Path, out: str | Path, per_b
         old = json.loads(cfg_path.read_text())
         diff = [k for k in scan_cfg if old.get(k) != json.loads(json.dumps(scan_cfg[k]))]
         if diff:
-            raise ValueError(f"{out} holds a build started with a different {', '.join(diff)}; use a new --out or "
+            raise ConfigError(f"{out} holds a build started with a different {', '.join(diff)}; use a new --out or "
                              f"delete {out / BUILD} to start over")
     else:
         _atomic_write(cfg_path, json.dumps(scan_cfg, indent=1).encode())
@@ -281,7 +315,7 @@ def build_buckets(src: str | Path, tokenizer: str | Path, out: str | Path, per_b
     todo = pending[: int(min(len(pending), budget))]
     if todo:
         bar = tqdm(total=len(files), initial=len(files) - len(pending), desc="scan", unit="file", disable=not progress)
-        tasks = [(i, str(files[i]), rels[i], str(out), byte_prefilter, on_bad_line) for i in todo]
+        tasks = [(i, str(files[i]), rels[i], str(out), byte_prefilter, on_bad_line, on_bad_file) for i in todo]
         long_docs = 0
         if workers == 1:
             global _TOKENIZER
@@ -308,6 +342,12 @@ def build_buckets(src: str | Path, tokenizer: str | Path, out: str | Path, per_b
 
     # 2. select
     metas, picks, selected = _select(out, rels, per_bucket, val_per_bucket, seed)
+    left_out = [i for i, m in enumerate(metas) if m.get("bad_file")]
+    if left_out and on_bad_file == "error":
+        i = left_out[0]
+        raise DamagedFileError(f"{metas[i]['bad_file']} (left out by an earlier --on-bad-file skip run, as are "
+                               f"{len(left_out) - 1} more): pass --on-bad-file skip, or replace the file, delete "
+                               f"{_scan_path(out, i)} and re-run")
     digest = hashlib.sha1(json.dumps([seed, per_bucket, val_per_bucket, docs_per_shard,
                                       {k: sorted(v) for k, v in selected.items()}]).encode()).hexdigest()
 
@@ -498,10 +538,14 @@ def _write_index(folder: Path, order: list[tuple[str, int, str]], per_shard: int
 def _stats(metas: list[dict[str, Any]], order: dict[str, list[tuple[str, int, str]]], per_bucket: int,
            val_per_bucket: int, seed: int, tokenizer: str, fingerprint: str) -> dict[str, Any]:
     by_bin: dict[str, Counter] = {b: Counter() for b in STAT_BINS}
-    total, bad = 0, 0
+    total, bad, lost = 0, 0, 0
+    bad_files = []
     for m in metas:
         total += m["documents"]
         bad += m["bad_lines"]
+        if m.get("bad_file"):
+            bad_files.append(m["bad_file"])
+            lost += m["documents_lost"]
         for set_name, c in m["counts"].items():
             for b, n in c.items():
                 by_bin[b][set_name] += n
@@ -519,7 +563,8 @@ def _stats(metas: list[dict[str, Any]], order: dict[str, list[tuple[str, int, st
                       "val_documents": len(order.get(f"val/{b}", [])),
                       "mean_tokens": round(float(np.mean([n for _, n, _ in docs])), 1) if docs else 0.0,
                       "share_by_set": shares(Counter(s for _, _, s in docs))}
-    return {"corpus": {"source_files": len(metas), "documents": total, "bad_lines_skipped": bad, "bins": corpus},
+    return {"corpus": {"source_files": len(metas), "documents": total, "bad_lines_skipped": bad,
+                       "bad_files_skipped": bad_files, "documents_lost": lost, "bins": corpus},
             "sampled": sampled, "paper_table4_documents": PAPER_TABLE4, "seed": seed, "per_bucket": per_bucket,
             "val_per_bucket": val_per_bucket, "tokenizer": tokenizer, "tokenizer_fingerprint": fingerprint,
             "bins_tokens": {b: [lo, None if hi == float("inf") else hi] for b, (lo, hi) in STAT_BINS.items()}}
@@ -529,7 +574,9 @@ def format_stats(stats: dict[str, Any], top: int = 4) -> str:
     """The statistics as a text table (corpus bins like the paper's Table 4, then the sample)."""
     c = stats["corpus"]
     lines = [f"SlimPajama scan: {c['documents']:,} documents in {c['source_files']} files"
-             + (f" ({c['bad_lines_skipped']} malformed lines skipped)" if c["bad_lines_skipped"] else ""),
+             + (f" ({c['bad_lines_skipped']} malformed lines skipped)" if c["bad_lines_skipped"] else "")
+             + (f" ({len(c['bad_files_skipped'])} damaged files left out, losing at least {c['documents_lost']:,} "
+                "documents)" if c.get("bad_files_skipped") else ""),
              f"{'bin':<9} {'documents':>12} {'paper (full)':>13}  largest sets"]
     for b, row in c["bins"].items():
         sets = ", ".join(f"{k} {100 * v:.1f}%" for k, v in list(row["share_by_set"].items())[:top])
@@ -582,7 +629,7 @@ class BucketDocuments(TextDocuments):
             self.shard_ix, self.rows = np.asarray(shard_ix, dtype=np.int32), np.asarray(rows, dtype=np.int32)
             self.offsets = np.asarray(offsets, dtype=np.int64)
         if len(self.offsets) == 0:
-            raise ValueError(f"bucket {self.name!r} at {str(self.folder)!r} is empty (no documents); {BUCKETS_LAYOUT}")
+            raise ConfigError(f"bucket {self.name!r} at {str(self.folder)!r} is empty (no documents); {BUCKETS_LAYOUT}")
         self._handles: dict[int, Any] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -611,9 +658,37 @@ class BucketDocuments(TextDocuments):
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataFormatError(f"{where}: malformed JSON ({e.msg})") from e
+        except UnicodeDecodeError as e:
+            raise DataFormatError(f"{where}: invalid UTF-8 bytes ({e.reason})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
             raise DataFormatError(f"{where}: no string field 'text'")
+        if invalid_unicode(obj["text"]) is not None:
+            raise DataFormatError(f"{where}: 'text' holds a lone surrogate (e.g. a \\ud800 escape): not valid "
+                                  "Unicode, no tokenizer can encode it; fix or drop the line")
         return obj["text"]
+
+
+@dataclass
+class BucketSource:
+    """The long-document buckets and their tokenizer (data.kind=slimpajama)."""
+
+    path: Optional[str] = None
+    """The builder's --out folder, or its val subfolder, or the official long_data folder (required)."""
+    tokenizer: Optional[str] = None
+    """The local tokenizer directory the buckets were built with (required)."""
+    buckets: list[str] = field(default_factory=lambda: list(BUCKETS))
+    """Which buckets to read."""
+    weights: Optional[dict[str, float]] = None
+    """Relative share of samples per bucket, naming exactly `buckets` (null: equal)."""
+    longdoc_min_length: int = 384
+    """Shortest chunk and target of these documents, in tokens (official: 384)."""
+
+
+@dataclass
+class SlimPajamaParams(StreamParams, BucketSource):
+    """`data.params` of data.kind=slimpajama (`SlimPajamaDataModule`): the long-document buckets alone."""
+
+    rule: SampleRule = field(default_factory=lambda: SampleRule(pipeline="stage2_3"))
 
 
 class SlimPajamaDataModule(TokenizedDataModule):
@@ -626,16 +701,20 @@ class SlimPajamaDataModule(TokenizedDataModule):
         weights: relative shares per bucket (default: equal).
         longdoc_min_length: shortest chunk and target of these documents.
         **kwargs: `SampleDataModule` options (rule, seed, num_workers, num_epochs, shuffle, vocab_size, ...).
+            A rule that names no ``pipeline`` gets ``stage2_3`` (the repeat label is drawn after the split).
     """
+
+    params_schema = SlimPajamaParams
 
     def __init__(self, path: str | Path, tokenizer: str | Path | Any, *,
                  buckets: Sequence[str] = tuple(BUCKETS), weights: dict[str, float] | None = None,
                  longdoc_min_length: int = 384, **kwargs: Any):
+        kwargs["rule"] = SampleRule.from_any(kwargs.get("rule"), pipeline="stage2_3")  # the official stream's order
         super().__init__(tokenizer, **kwargs)
         self.path, self.buckets = Path(path), list(buckets)
         self.weights = {b: 1.0 for b in self.buckets} if weights is None else dict(weights)
         if set(self.weights) != set(self.buckets):
-            raise ValueError(f"weights {sorted(self.weights)} must name exactly the buckets {self.buckets}")
+            raise ConfigError(f"weights {sorted(self.weights)} must name exactly the buckets {self.buckets}")
         self.longdoc_min_length = longdoc_min_length
 
     def setup(self, stage: str | None = None) -> None:
@@ -663,7 +742,7 @@ def check_bucket_tokenizer(buckets_dir: Path, tokenizer: Any) -> None:
         manifest = json.loads(mf.read_text())
         built = manifest.get("tokenizer_fingerprint")
         if built and built != tokenizer_fingerprint(tokenizer):
-            raise ValueError(f"{buckets_dir} was built with another tokenizer ({manifest.get('tokenizer')}): its "
+            raise ConfigError(f"{buckets_dir} was built with another tokenizer ({manifest.get('tokenizer')}): its "
                              "buckets and token counts do not hold for this one; rebuild the buckets with the "
                              "training tokenizer")
 
@@ -686,7 +765,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     b.add_argument("--max-files", type=int, default=None, help="use only the first N source files")
     b.add_argument("--stop-after-files", type=int, default=None, help="process at most N files in this run")
     b.add_argument("--no-byte-prefilter", action="store_true", help="tokenize documents of < 4096 bytes too")
-    b.add_argument("--on-bad-line", choices=ON_BAD_LINE, default="error")
+    b.add_argument("--on-bad-line", choices=ON_BAD_LINE, default="error",
+                   help="skip (and count) malformed lines instead of stopping")
+    b.add_argument("--on-bad-file", choices=ON_BAD_FILE, default="error",
+                   help="leave damaged (e.g. truncated) source files out whole, counted, instead of stopping")
     b.add_argument("--quiet", action="store_true", help="no progress bars or table")
     s = sub.add_parser("stats", help="print the statistics of a finished build")
     s.add_argument("out")
@@ -695,10 +777,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.cmd == "stats":
         print(format_stats(json.loads((Path(args.out) / "stats.json").read_text())))
         return 0
-    res = build_buckets(args.src, args.tokenizer, args.out, args.per_bucket, seed=args.seed,
-                        val_per_bucket=args.val_per_bucket, docs_per_shard=args.docs_per_shard, workers=args.workers,
-                        byte_prefilter=not args.no_byte_prefilter, max_files=args.max_files,
-                        stop_after_files=args.stop_after_files, on_bad_line=args.on_bad_line, progress=not args.quiet)
+    try:
+        res = build_buckets(args.src, args.tokenizer, args.out, args.per_bucket, seed=args.seed,
+                            val_per_bucket=args.val_per_bucket, docs_per_shard=args.docs_per_shard,
+                            workers=args.workers, byte_prefilter=not args.no_byte_prefilter, max_files=args.max_files,
+                            stop_after_files=args.stop_after_files, on_bad_line=args.on_bad_line,
+                            on_bad_file=args.on_bad_file, progress=not args.quiet)
+    except (ConfigError, FileNotFoundError) as e:   # a user's mistake: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if not res.complete:
         print(f"stopped early (--stop-after-files); re-run the same command to continue building {res.out}")
         return 3

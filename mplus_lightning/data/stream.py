@@ -7,7 +7,7 @@ A stream draws samples from one or more *sources* (`SourceSpec`: a `DocumentSour
 documents are visited in a permutation that depends only on ``(seed, source name, pass)``; position ``p`` of that
 permutation belongs to *slot* ``p % n_slots``, where ``n_slots = world_size * num_workers`` and the slot of
 (rank, worker) is ``rank * num_workers + worker``. So every document goes to exactly one (rank, worker), and no two
-ranks see the same document in a pass (the official stages 2/3 fed every GPU the same documents, training.md §7).
+ranks see the same document in a pass (the official stages 2/3 fed every GPU the same documents).
 
 Within a slot, the k-th sample comes from the source chosen by ``random.Random(f"{seed}:mix:{slot}:{n_slots}:{k}")``
 with the sources' weights (only when there are several), and is the next document of that source's share that the
@@ -37,112 +37,27 @@ used (as many as the shares differ in accepted documents, a handful per share). 
 from __future__ import annotations
 
 import bisect
-import gzip
-import io
-import json
 import logging
 import random
 import warnings
 import zlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ..typed_config import ConfigError
+from .files import DataFormatError
 from .sample import Sample, SampleRule, document_rng, make_sample
 from .tokenizer import check_tokenizer, encode, load_tokenizer
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------------------------------- files, lines
-
-class DataFormatError(ValueError):
-    """A data file does not have the expected format; the message names the file (and line)."""
-
-
-@dataclass
-class BadLines:
-    """Counts malformed records that were skipped (``on_bad_line="skip"``)."""
-
-    count: int = 0
-    first: str = ""
-    """Where the first one was (file:line and why)."""
-
-    def add(self, where: str) -> None:
-        self.count += 1
-        if not self.first:
-            self.first = where
-
-
-ON_BAD_LINE = ("error", "skip")
-
-
-def open_text(path: str | Path) -> io.TextIOBase:
-    """Open a text file, decompressing ``.gz`` and ``.zst`` (zstandard) by suffix, as UTF-8."""
-    p = Path(path)
-    if p.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(p, "rb"), encoding="utf-8")
-    if p.suffix == ".zst":
-        import zstandard
-
-        fh = open(p, "rb")
-        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(fh, closefd=True), encoding="utf-8")
-    return open(p, encoding="utf-8")
-
-
-def iter_jsonl(path: str | Path, *, on_bad_line: str = "error", bad: BadLines | None = None,
-               require: Callable[[Any], str | None] | None = None) -> Iterator[tuple[int, Any]]:
-    """Yield ``(line_number, object)`` for each non-blank line of a JSON-lines file (1-based line numbers).
-
-    Args:
-        on_bad_line: ``error`` raises `DataFormatError` naming file and line; ``skip`` counts the line in `bad`.
-        require: optional check of a parsed object; returns None if fine, else the reason it is malformed.
-    """
-    if on_bad_line not in ON_BAD_LINE:
-        raise ValueError(f"on_bad_line={on_bad_line!r}: expected one of {ON_BAD_LINE}")
-    with open_text(path) as fh:
-        lineno = 0
-        while True:
-            try:
-                line = fh.readline()
-            except (UnicodeDecodeError, EOFError, OSError) as e:  # truncated or corrupt compressed file
-                raise DataFormatError(f"{path}: cannot read past line {lineno}: {e}") from e
-            if not line:
-                return
-            lineno += 1
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line.rstrip("\r\n"))
-                why = require(obj) if require is not None else None
-            except json.JSONDecodeError as e:
-                why = f"malformed JSON: {e.msg}, column {e.colno}"
-            if why is not None:
-                where = f"{path}:{lineno}: {why}"
-                if on_bad_line == "error":
-                    raise DataFormatError(where + " (pass on_bad_line='skip' to skip and count such lines)")
-                if bad is not None:
-                    bad.add(where)
-                continue
-            yield lineno, obj
-
-
-def text_field_check(field: str) -> Callable[[Any], str | None]:
-    """A `iter_jsonl` check: the object has a string `field`."""
-    def check(obj: Any) -> str | None:
-        if not isinstance(obj, dict):
-            return f"expected a JSON object, got {type(obj).__name__}"
-        if not isinstance(obj.get(field), str):
-            return f"no string field {field!r} (keys: {sorted(obj)[:10]})"
-        return None
-    return check
 
 
 # --------------------------------------------------------------------------------------------------- documents
@@ -237,7 +152,7 @@ class _Cursor:
         self.n = len(spec.docs)
         self.count = len(range(slot, self.n, n_slots))
         if self.count == 0:
-            raise ValueError(f"source {spec.name!r} has {self.n} documents, fewer than the {n_slots} (ranks x "
+            raise ConfigError(f"source {spec.name!r} has {self.n} documents, fewer than the {n_slots} (ranks x "
                              "dataloader workers) that share it: use more documents or fewer workers")
         self.lo = rule.min_length if spec.min_length is None else spec.min_length
         self.epoch, self.k, self.accepted, self.rejected = 0, 0, 0, 0
@@ -461,6 +376,41 @@ def target_only_sample(ids: Sequence[int] | torch.Tensor, max_seq_length: int, *
 
 # --------------------------------------------------------------------------------------------------- DataModules
 
+def model_vocab_size(trainer: Any) -> int | None:
+    """Rows of the input embedding of the model `trainer` trains (its LightningModule's ``model``), else None."""
+    module = getattr(trainer, "lightning_module", None) if trainer is not None else None
+    llama = getattr(getattr(module, "model", None), "llama", None)
+    embeddings = getattr(llama, "get_input_embeddings", None)
+    return None if embeddings is None else int(embeddings().num_embeddings)
+
+
+@dataclass
+class StreamParams:
+    """The stream options of every data kind but `facts` (`SampleDataModule`'s arguments). A kind's `data.params`
+    schema inherits ``(StreamParams, ..., <its own fields>)``: a dataclass lists its bases' fields from the last base
+    to the first, so --print-config shows what a kind reads first and these options after it."""
+
+    rule: SampleRule = field(default_factory=SampleRule)
+    """How documents are cut into context chunks and a target (official: chunks of 16..512 tokens, targets up to
+    2,048, "Repeat:" samples 10%)."""
+    seed: int = 0
+    """Data seed: document order, the cuts, the "Repeat:" draws, the mixture's source draws."""
+    num_workers: int = 0
+    """Dataloader workers per rank (tokenization happens there); a resume is exact for the same count."""
+    num_epochs: Optional[int] = None
+    """Passes over the data before the stream ends; null: endless, a source that runs out starts a new pass (logged)
+    (data.kind=mixture: null follows on_exhausted)."""
+    shuffle: bool = True
+    """Shuffle the documents in every pass."""
+    vocab_size: Optional[int] = None
+    """The model's vocab size: data that can produce larger token ids is an error before training starts (null: the
+    size of the model being trained, checked at setup; data.kind=synthetic: required, token ids are drawn below it)."""
+    prefetch_factor: int = 2
+    """Samples each dataloader worker prepares ahead."""
+    pin_memory: bool = False
+    """Put the dataloader's tensors in page-locked host memory."""
+
+
 class SampleDataModule(pl.LightningDataModule):
     """Base DataModule: a `SampleStream` per rank whose position travels in Lightning checkpoints.
 
@@ -470,10 +420,12 @@ class SampleDataModule(pl.LightningDataModule):
     ``skip=samples_consumed`` using ``trainer.global_rank`` / ``trainer.world_size`` (rank 0 of 1 without a trainer).
     Every rank's position is the same (one sample per step), so the rank-0 checkpoint serves all ranks.
 
-    Subclasses implement `train_sources` (and optionally `val_samples`, `prepare_data`, `setup`).
+    Subclasses implement `train_sources` (and optionally `val_samples`, `prepare_data`, `data_vocab_size`, and
+    `setup`, which must call this class's: it checks the data's token ids against the model's vocabulary).
 
     Args:
-        rule: `SampleRule` or a dict of its fields (min_length, max_length, max_seq_length, target_is_context_ratio).
+        rule: `SampleRule` or a dict of its fields (min_length, max_length, max_seq_length, target_is_context_ratio,
+            pipeline).
         seed: data seed (order, splits, repeat labels, mixture choices).
         num_workers: dataloader workers per rank (tokenization happens there).
         num_epochs: None = endless (sources cycle, logged; stop with max_steps); k = stop after k passes.
@@ -481,6 +433,9 @@ class SampleDataModule(pl.LightningDataModule):
         vocab_size: the model's vocab size; when given, the tokenizer is checked against it in `setup`.
         prefetch_factor, pin_memory: DataLoader options.
     """
+
+    params_schema: type = StreamParams
+    """The typed `data.params` of a run config for this DataModule (checked when the config loads)."""
 
     def __init__(self, *, rule: SampleRule | dict | None = None, seed: int = 0, num_workers: int = 0,
                  num_epochs: int | None = None, shuffle: bool = True, vocab_size: int | None = None,
@@ -505,7 +460,24 @@ class SampleDataModule(pl.LightningDataModule):
         """The whole validation set (all ranks); empty = no validation."""
         return []
 
+    def data_vocab_size(self) -> int | None:
+        """How many token ids the data can produce (ids are below it); None when unknown."""
+        return None
+
     # -- shared
+    def setup(self, stage: str | None = None) -> None:
+        """Before the first step: the data must not produce ids the model has no embedding for (they would fail
+        deep inside a training step with an IndexError)."""
+        self.check_vocab(model_vocab_size(self.trainer))
+
+    def check_vocab(self, vocab_size: int | None) -> None:
+        """Raise ConfigError naming the keys when the data's ids can reach `vocab_size` (the model's)."""
+        have = self.data_vocab_size()
+        if vocab_size is not None and have is not None and have > vocab_size:
+            raise ConfigError(f"the data ({type(self).__name__}) produces token ids up to {have - 1} but the model's "
+                              f"vocab_size is {vocab_size} (model.llama.vocab_size): ids >= {vocab_size} would index "
+                              "past the embedding matrix; make the data's vocabulary fit the model's")
+
     def rank_and_world(self) -> tuple[int, int]:
         trainer = self.trainer
         if trainer is None:
@@ -600,8 +572,37 @@ class TokenizedDataModule(SampleDataModule):
                 check_tokenizer(self._tokenizer, self.vocab_size)
         return self._tokenizer
 
+    def data_vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+    def check_vocab(self, vocab_size: int | None) -> None:
+        if vocab_size is not None:
+            check_tokenizer(self.tokenizer, vocab_size)
+
     def setup(self, stage: str | None = None) -> None:
         _ = self.tokenizer  # fail on a bad tokenizer before training starts
+        super().setup(stage)
+
+
+@dataclass
+class SyntheticDocumentsParams:
+    """The random-token documents of data.kind=synthetic (`SyntheticDataModule`'s own arguments)."""
+
+    num_docs: int = 256
+    """Training documents."""
+    min_doc_length: int = 16
+    """Shortest document, in tokens (lengths are uniform in [min_doc_length, max_doc_length])."""
+    max_doc_length: int = 4096
+    """Longest document, in tokens."""
+    val_docs: int = 4
+    """Validation documents (other seeds), each a target of at most rule.max_seq_length tokens."""
+    first_token_id: int = 3
+    """Smallest token id drawn (the ids below are the special tokens)."""
+
+
+@dataclass
+class SyntheticParams(StreamParams, SyntheticDocumentsParams):
+    """`data.params` of data.kind=synthetic: random-token documents from the seed (tests, tiny runs), no tokenizer."""
 
 
 class SyntheticDataModule(SampleDataModule):
@@ -616,6 +617,8 @@ class SyntheticDataModule(SampleDataModule):
         **kwargs: `SampleDataModule` options (rule, seed, num_workers, num_epochs, shuffle, ...).
     """
 
+    params_schema = SyntheticParams
+
     def __init__(self, vocab_size: int, *, num_docs: int = 256, min_doc_length: int = 16,
                  max_doc_length: int = 4096, val_docs: int = 4, first_token_id: int = 3, **kwargs: Any):
         kwargs.setdefault("vocab_size", vocab_size)
@@ -623,6 +626,15 @@ class SyntheticDataModule(SampleDataModule):
         self.model_vocab_size = vocab_size
         self.num_docs, self.min_doc_length, self.max_doc_length = num_docs, min_doc_length, max_doc_length
         self.val_docs, self.first_token_id = val_docs, first_token_id
+
+    def data_vocab_size(self) -> int:
+        return self.model_vocab_size
+
+    def check_vocab(self, vocab_size: int | None) -> None:
+        if vocab_size is not None and self.model_vocab_size > vocab_size:
+            raise ConfigError(f"data.params.vocab_size={self.model_vocab_size} draws token ids up to "
+                              f"{self.model_vocab_size - 1}, but the model's vocab_size is {vocab_size} "
+                              "(model.llama.vocab_size): set data.params.vocab_size to at most the model's")
 
     def train_sources(self) -> list[SourceSpec]:
         docs = SyntheticDocuments(self.num_docs, self.model_vocab_size, min_length=self.min_doc_length,
