@@ -4,21 +4,37 @@ Every knob of the official recipe is a field here with the official value as its
 stages differ; `experiments/stage2.yaml` and `ltm.yaml` set the others) and a docstring, which `mplus-fit --describe`
 prints and `to_yaml` (`--print-config`, a run's config.yaml) writes as a comment above each key. The memory fields of
 the `model` group are `MPlusConfig`'s own (`MemoryArchitecture`), converted by `ModelConfig.to_mplus_config` alone.
-Unknown keys and wrong types are errors that name the key. `load(path, overrides)` returns a validated `RunConfig`.
+`data.params` is typed too: each data kind's DataModule declares the dataclass of its parameters (`params_schema`),
+and `load` resolves data.params into every parameter of that kind. Unknown keys and wrong types are errors that name
+the key. `load(path, overrides)` returns a validated `RunConfig`.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from .model.configuration import MemoryArchitecture, MPlusConfig
 from .typed_config import ConfigError, describe, merge, parse_overrides, read_yaml, summary, to_commented_yaml
 
 STAGES = ("pretrain", "stage1", "stage2", "ltm")
+
+DATAMODULES = {
+    "synthetic": "mplus_lightning.data.stream:SyntheticDataModule",
+    "fineweb": "mplus_lightning.data.fineweb:FineWebDataModule",
+    "slimpajama": "mplus_lightning.data.slimpajama:SlimPajamaDataModule",
+    "mixture": "mplus_lightning.data.mixture:MixtureDataModule",
+    "facts": "mplus_lightning.data.facts:FactsDataModule",
+}
+"""data.kind -> "module:Class" of its DataModule, which takes data.params as keyword arguments and declares their
+typed schema (a dataclass) as `params_schema`."""
 
 
 @dataclass
@@ -32,8 +48,9 @@ class ModelConfig(MemoryArchitecture):
     path: Optional[str] = None
     """Local directory for init=llama / pretrained."""
     llama: dict[str, Any] = field(default_factory=dict)
-    """LlamaConfig fields for init=tiny (hidden_size, num_hidden_layers, vocab_size, ...); for init=llama /
-    pretrained they come from the directory's config.json."""
+    """LlamaConfig fields for init=tiny (hidden_size, num_hidden_layers, vocab_size, ...). With init_from or init=llama
+    / pretrained the backbone is the weights' own: empty takes it, a field that disagrees with it is an error. A run's
+    saved config.yaml records the backbone as built."""
     train_backbone: bool = False
     """Also train the Llama weights (official: frozen). For tiny models trained from scratch (the CPU demo)."""
 
@@ -49,7 +66,9 @@ class DataConfig:
     kind: str = "synthetic"
     """DataModule: synthetic | fineweb | slimpajama | mixture | facts (see mplus_lightning/data)."""
     params: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of that DataModule's constructor (paths, tokenizer, ratios, workers, ...)."""
+    """Keyword arguments of that DataModule's constructor (paths, tokenizer, ratios, workers, ...), typed by the
+    kind's schema (its `params_schema`): loading resolves them into every parameter of the kind, with its default
+    where the config sets none; unknown keys and wrong types are errors."""
     instruction: str = "Repeat:"
     """Instruction of the repeat task (official `instruct`)."""
 
@@ -92,10 +111,14 @@ class StepConfig:
 class OptimConfig:
     """The optimizer (AdamW, two parameter groups) and its learning-rate schedule."""
 
-    lr: float = 4.6e-5
-    """Main group (LoRA, BOS vectors, new-memory embedding). Never scaled by the GPU count (official: x #GPUs)."""
+    lr: float = 3.68e-4
+    """Learning rate of the main group (LoRA adapters, BOS vectors, new-memory embedding), as given: it does not
+    scale with the GPU count. The official code multiplied a base rate by the GPUs of a node, so on its 8 GPUs it
+    trained at 4.6e-5 x 8 = 3.68e-4 in stage 1 and 4.6e-6 x 8 = 3.68e-5 in stages 2-3: the shipped configs state
+    these effective rates."""
     selector_lr: float = 1e-4
-    """Retriever group."""
+    """Learning rate of the selector group: every parameter whose name holds query_proj or key_proj (the retrievers'
+    projectors), as grouped officially; official: 1e-4, never scaled."""
     weight_decay: float = 0.01
     """AdamW weight decay of both groups (official: 0.01, torch's default)."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
@@ -137,9 +160,11 @@ class TrainerConfig:
     val_batches: int = 50
     """Validation samples (memory stages) or batches (pretrain) per validation."""
     ckpt_every_n_steps: int = 10_000
-    """Write a checkpoint (plus each rank's memory) every this many steps; last.ckpt is always the newest."""
+    """Write a checkpoint every this many steps: a folder checkpoints/step=N/ with Lightning's checkpoint, each rank's
+    memory and a manifest of checksums, written atomically."""
     keep_checkpoints: int = 3
-    """Newest step checkpoints kept besides last.ckpt (official: 3)."""
+    """Newest checkpoints kept (at least 2, so a damaged newest one has an intact predecessor; -1: all) (official:
+    3)."""
     log_every_n_steps: int = 10
     """Write the TensorBoard scalars every this many steps."""
     progress_bar: bool = True
@@ -162,7 +187,11 @@ class RunConfig:
     init_from: Optional[str] = None
     """Previous stage's export directory (<run>/export): weights and memory start there (pool resized as needed)."""
     resume: Optional[str] = None
-    """`last` (this run's last.ckpt) or a checkpoint path: continue exactly where it stopped."""
+    """`last` (this run's newest complete checkpoint) or a checkpoint folder (checkpoints/step=N): continue exactly
+    where it stopped. Checkpoints after the one resumed from are moved to checkpoints/superseded/."""
+    overwrite: bool = False
+    """Start again from scratch in a run folder that already holds a run, deleting its checkpoints/, tensorboard/ and
+    export/ first (without it such a folder is refused unless `resume` is set)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     step: StepConfig = field(default_factory=StepConfig)
@@ -178,6 +207,8 @@ def _validate(cfg: RunConfig) -> None:
     problems = []
     if cfg.stage not in STAGES:
         problems.append(f"stage: {cfg.stage!r} is not one of {STAGES}")
+    if cfg.data.kind not in DATAMODULES:
+        problems.append(f"data.kind: {cfg.data.kind!r} is not one of {sorted(DATAMODULES)}")
     s = cfg.step
     for key in ("full_context_ratio", "multi_chunk_ratio", "pass_ratio", "empty_prob"):
         v = getattr(s, key)
@@ -189,7 +220,7 @@ def _validate(cfg: RunConfig) -> None:
         problems.append(f"optim.schedule: {cfg.optim.schedule!r} is not linear|constant")
     if cfg.model.init not in ("tiny", "llama", "pretrained"):
         problems.append(f"model.init: {cfg.model.init!r} is not tiny|llama|pretrained")
-    if cfg.model.init == "tiny" and not cfg.model.llama:
+    if cfg.model.init == "tiny" and not cfg.model.llama and not cfg.init_from:
         problems.append("model.llama: init=tiny needs the LlamaConfig fields (hidden_size, num_hidden_layers, ...)")
     if cfg.stage == "ltm" and cfg.model.num_ltm_blocks < 1:
         problems.append("model.num_ltm_blocks: stage ltm needs a long-term memory (>= 1 block)")
@@ -210,12 +241,67 @@ def load(path: str | Path | None = None, overrides: list[str] | None = None) -> 
         sources.append(parse_overrides(overrides))
     cfg: RunConfig = merge(RunConfig, sources, what="run config", missing_hint="{key}=... or `{key}:` in the YAML")
     _validate(cfg)
+    cfg.data.params = dataclasses.asdict(data_params(cfg.data))
     return cfg
 
 
+def datamodule_class(kind: str) -> type:
+    """The DataModule class of `data.kind` (imported on first use)."""
+    if kind not in DATAMODULES:
+        raise ConfigError(f"data.kind: {kind!r} is not one of {sorted(DATAMODULES)}")
+    module_name, cls_name = DATAMODULES[kind].split(":")
+    return getattr(importlib.import_module(module_name), cls_name)
+
+
+def data_params(data: DataConfig) -> Any:
+    """`data.params` as an instance of the kind's schema: every parameter, defaults where unset. Errors name the key
+    and the kind."""
+    schema = datamodule_class(data.kind).params_schema
+    where = f"data.kind={data.kind}"
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), data.params))
+    except ConfigKeyError as e:
+        key = str(getattr(e, "full_key", "") or getattr(e, "key", ""))
+        known = ", ".join(_schema_keys(schema, key.split(".")[:-1]))
+        raise ConfigError(f"data.params.{key}: unknown key for {where} (known: {known})") from None
+    except OmegaConfBaseException as e:
+        key = str(getattr(e, "full_key", "") or getattr(e, "key", ""))
+        raise ConfigError(f"data.params.{key}: {str(e).splitlines()[0]} ({where})") from None
+    except (ValueError, TypeError) as e:   # the schema's own checks (e.g. a rule's lengths, the mixture's ratios)
+        raise ConfigError(f"data.params ({where}): {e}") from None
+
+
+def _schema_keys(schema: type, path: list[str]) -> list[str]:
+    """The field names of `schema`, or of the nested dataclass at `path` (e.g. ["rule"])."""
+    for part in path:
+        hint = typing.get_type_hints(schema).get(part)
+        if not (isinstance(hint, type) and dataclasses.is_dataclass(hint)):
+            break
+        schema = hint
+    return [f.name for f in dataclasses.fields(schema)]
+
+
+def learning_rates(cfg: RunConfig) -> str:
+    """One line with the learning rate of each optimizer parameter group and their schedule, as the run trains (no
+    scaling by the GPU count): the first log line of a run and the head of `to_yaml`."""
+    o = cfg.optim
+    rates = f"main {o.lr:g}"
+    if cfg.model.add_selector and cfg.stage != "pretrain":   # the groups of TrainingRecipe.configure_optimizers
+        rates += f", selector {o.selector_lr:g}"
+    if o.schedule == "linear":
+        schedule = f"linear decay to {o.final_lr_factor:g}x over {o.decay_steps} steps, then constant"
+    else:
+        schedule = "constant"
+    if o.warmup_steps > 0:
+        schedule = f"linear warm-up over {o.warmup_steps} steps, then {schedule}"
+    return f"learning rates: {rates} ({schedule})"
+
+
 def to_yaml(cfg: RunConfig) -> str:
-    """The resolved config as YAML, each key under a comment with its docstring (`load` reads it back)."""
-    return to_commented_yaml(cfg)
+    """The resolved config as YAML, each key under a comment with its docstring, data.params under those of the
+    kind's schema, headed by the learning rates (`load` reads it back)."""
+    shown = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, params=data_params(cfg.data)))
+    return f"# {learning_rates(cfg)}\n" + to_commented_yaml(shown)
 
 
 def save(cfg: RunConfig, path: str | Path) -> None:

@@ -2,6 +2,7 @@
 one model schema; every field documented (--describe, commented --print-config); the console scripts."""
 import dataclasses
 import importlib
+import inspect
 import os
 import re
 import subprocess
@@ -131,7 +132,7 @@ def test_describe_prints_type_default_and_docstring(capsys):
     assert "model.num_ltm_blocks: int = 0" in out and "optim." not in out
     assert fit_main(["--describe", "optim.lr"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("optim.lr: float = 4.6e-05\n") and "selector_lr" not in out
+    assert out.startswith("optim.lr: float = 0.000368\n") and "selector_lr" not in out, "the official stage-1 rate"
     assert fit_main(["--describe"]) == 0
     out = capsys.readouterr().out
     assert all(f"\n{key}: " in "\n" + out for key, _, _ in leaf_keys(C.RunConfig)), "--describe alone lists all"
@@ -170,6 +171,7 @@ def test_one_datamodule_registry_with_every_kind():
     import mplus_lightning.data as data
 
     assert not hasattr(data, "DATAMODULE_PATHS")
+    assert fit.DATAMODULES is C.DATAMODULES, "fit uses the config's registry"
     assert set(fit.DATAMODULES) == {"synthetic", "fineweb", "slimpajama", "mixture", "facts"}
     kind_doc = field_docs(C.DataConfig)["kind"]
     assert all(kind in kind_doc for kind in fit.DATAMODULES), "DataConfig.kind's docstring names every kind"
@@ -178,6 +180,107 @@ def test_one_datamodule_registry_with_every_kind():
         assert issubclass(getattr(importlib.import_module(module_name), cls_name), LightningDataModule), kind
     with pytest.raises(ConfigError, match=r"data.kind: 'web' is not one of \['facts', 'fineweb'"):
         fit.build_datamodule(C.load(None, ["name=a", "model.llama={a: 1}", "data.kind=web"]))
+
+
+# ---- typed data parameters ---------------------------------------------------------------------------------------
+def constructor_parameters(cls) -> dict:
+    """name -> default (inspect.Parameter.empty when required) of a DataModule's constructor, with the
+    `SampleDataModule` options its **kwargs forwards."""
+    from mplus_lightning.data.stream import SampleDataModule
+
+    out = {}
+    for name, p in inspect.signature(cls).parameters.items():
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(constructor_parameters(SampleDataModule))
+        else:
+            out[name] = p.default
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(fit.DATAMODULES))
+def test_each_data_kind_schema_is_its_constructor(kind):
+    from mplus_lightning.data.sample import SampleRule
+
+    cls = C.datamodule_class(kind)
+    schema = cls.params_schema
+    declared = constructor_parameters(cls)
+    assert [f.name for f in dataclasses.fields(schema)] and {f.name for f in dataclasses.fields(schema)} == set(
+        declared), "the schema has exactly the constructor's parameters"
+    assert all(field_docs(schema).get(f.name) for f in dataclasses.fields(schema)), "every parameter documented"
+    defaults = dataclasses.asdict(schema())
+    required = {n: 512 if n == "vocab_size" else "unused" for n, d in declared.items() if d is inspect.Parameter.empty}
+    for name, default in declared.items():
+        if name == "rule":   # the constructor's None is the kind's own rule
+            assert SampleRule(**defaults["rule"]) == cls(**{**defaults, **required, "rule": None}).rule, kind
+        elif default is inspect.Parameter.empty:
+            assert defaults[name] is None, f"{kind}: required {name} is null until set"
+        else:
+            want = list(default) if isinstance(default, tuple) else default
+            assert defaults[name] == want or (name == "ratios" and defaults[name] == resolved_ratios(default)), name
+
+
+def resolved_ratios(preset):
+    from mplus_lightning.data.mixture import resolve_ratios
+    return resolve_ratios(preset)
+
+
+def test_data_params_unknown_keys_and_wrong_types_are_named_at_load():
+    with pytest.raises(ConfigError, match=r"^data\.params\.pth: unknown key for data\.kind=fineweb "
+                                          r"\(known: path, tokenizer, name, dump, text_field, val_docs,"):
+        C.load(STAGE1, ["data.params.pth=/data/fineweb"])
+    with pytest.raises(ConfigError, match=r"^data\.params\.val_docs: .*'many'.* \(data\.kind=fineweb\)"):
+        C.load(STAGE1, ["data.params.val_docs=many"])
+    with pytest.raises(ConfigError, match=r"^data\.params\.rule\.min_lenght: unknown key .*\(known: min_length, "):
+        C.load(STAGE1, ["data.params.rule.min_lenght=8"])
+    with pytest.raises(ConfigError, match=r"^data\.params\.num_facts\[1\]: .*'many'.*data\.kind=facts"):
+        C.load(None, ["name=a", "model.llama={a: 1}", "data.kind=facts", "data.params.num_facts=[1, many]"])
+    ltm = STAGE1.parent / "ltm.yaml"
+    with pytest.raises(ConfigError, match=r"data\.params \(data\.kind=mixture\): ratios: unknown source.*'web'"):
+        C.load(ltm, ["data.params.ratios={web: 1.0}"])
+    with pytest.raises(ConfigError, match=r"data\.kind=synthetic \(known: num_docs, "):
+        C.load(STAGE1, ["data.kind=synthetic"])   # another kind: the fine-web parameters are unknown to it
+
+
+def test_data_params_resolve_to_every_parameter_of_the_kind():
+    cfg = C.load(STAGE1.parent / "tiny.yaml")
+    schema = C.datamodule_class("synthetic").params_schema
+    assert list(cfg.data.params) == [f.name for f in dataclasses.fields(schema)]
+    assert cfg.data.params["num_docs"] == 512 and cfg.data.params["prefetch_factor"] == 2, "set and default"
+    assert cfg.data.params["rule"] == {"min_length": 8, "max_length": 32, "max_seq_length": 64,
+                                       "target_is_context_ratio": 0.1, "pipeline": "stage1"}
+    mixture = C.load(STAGE1.parent / "stage2.yaml", ["data.params.ratios=stage3"])
+    assert mixture.data.params["ratios"] == {"fineweb": 0.9, "4k-8k": 0.025, "8k-16k": 0.025, "16k-32k": 0.025,
+                                             "32k-64k": 0.025}, "a preset shows resolved"
+    assert mixture.data.params["rule"]["pipeline"] == "stage2_3", "the mixture's own rule"
+
+
+def test_resolved_data_params_build_the_same_datamodule(tmp_path):
+    cfg = C.load(STAGE1.parent / "stage2.yaml", [f"data.params.fineweb={tmp_path}", f"data.params.buckets={tmp_path}",
+                                                 f"data.params.tokenizer={tmp_path}", "data.params.on_exhausted=stop"])
+    dm = fit.build_datamodule(cfg)
+    assert dm.num_epochs == 1, "on_exhausted=stop ends the stream although num_epochs (null) is passed too"
+    assert dm.rule.pipeline == "stage2_3" and dm.fineweb.max_train_docs == 200_000
+    assert fit.build_datamodule(C.load(STAGE1.parent / "stage2.yaml", [
+        f"data.params.fineweb={tmp_path}", f"data.params.buckets={tmp_path}",
+        f"data.params.tokenizer={tmp_path}"])).num_epochs is None, "cycle: endless"
+
+
+@pytest.mark.parametrize("path", TRAINING, ids=[p.name for p in TRAINING])
+def test_print_config_shows_each_data_parameter_under_its_docstring(path, capsys):
+    assert fit_main(["--config", str(path), "--print-config"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    start = lines.index("  params:")
+    cfg = C.load(path)
+    docs = field_docs(C.datamodule_class(cfg.data.kind).params_schema)
+    for name in cfg.data.params:
+        line = next(i for i in range(start, len(lines)) if lines[i].startswith(f"    {name}:"))
+        top = line
+        while lines[top - 1].startswith("    # "):
+            top -= 1
+        comment = "".join(text.strip().removeprefix("#") for text in lines[top:line])
+        assert comment, f"{name} has no comment"
+        if name != "rule":   # a nested group sits under its class's summary
+            assert comment.replace(" ", "") == docs[name].replace(" ", ""), name
 
 
 # ---- console scripts ---------------------------------------------------------------------------------------------

@@ -61,9 +61,9 @@ def redirect(name: str, s: dict, tmp_path: Path) -> list[str]:
         out.append(f"data.params.buckets={s['buckets']}")
     if "tokenizer" in params:
         out.append(f"data.params.tokenizer={s['tok']}")
-    if cfg.data.kind in ("fineweb", "mixture"):
-        out += ["data.params.val_docs=5", "data.params.val_size=2", "data.params.progress=false",
-                "data.params.num_workers=0"]
+    if cfg.data.kind in ("fineweb", "mixture"):   # the stand-in dumps hold 60 documents
+        out += ["data.params.val_docs=5", "data.params.val_size=2", "data.params.train_start=0",
+                "data.params.max_train_docs=null", "data.params.progress=false", "data.params.num_workers=0"]
     return out
 
 
@@ -142,3 +142,31 @@ def test_each_recipe_builds_the_model_config_it_always_built(name):
 def test_build_model_uses_the_one_conversion():
     cfg = C.load(ROOT / "experiments" / "tiny_ltm.yaml", ["init_from=null"])
     assert build_model(cfg).config == cfg.model.to_mplus_config()
+
+
+# The official data recipe (which fine-web dump, the held-out and training document ranges, the mix, the long
+# documents' chunk length) that each full-size config states explicitly.
+RULE = {"min_length": 16, "max_length": 512, "max_seq_length": 2048, "target_is_context_ratio": 0.1}
+MIX_STAGE2 = {"fineweb": 0.2, "4k-8k": 0.2, "8k-16k": 0.2, "16k-32k": 0.2, "32k-64k": 0.2}
+MIX_STAGE3 = {"fineweb": 0.9, "4k-8k": 0.025, "8k-16k": 0.025, "16k-32k": 0.025, "32k-64k": 0.025}
+OFFICIAL_DATA = {
+    "stage1.yaml": ("fineweb", "CC-MAIN-2024-10", 50_000, 1_000, 0, 3_000_000, None, {**RULE, "pipeline": "stage1"}),
+    "stage2.yaml": ("mixture", "CC-MAIN-2024-10", 50_000, 1_000, 0, 200_000, MIX_STAGE2,
+                    {**RULE, "pipeline": "stage2_3"}),
+    "ltm.yaml": ("mixture", "CC-MAIN-2023-50", 50_000, 1_000, 720_000, 720_000, MIX_STAGE3,
+                 {**RULE, "pipeline": "stage2_3"}),
+    "ltm_2x8.yaml": ("mixture", "CC-MAIN-2023-50", 50_000, 1_000, 720_000, 720_000, MIX_STAGE3,
+                     {**RULE, "pipeline": "stage2_3"}),
+}
+
+
+@pytest.mark.parametrize("name", FULL)
+def test_full_size_configs_state_the_official_data_recipe(name):
+    raw = OmegaConf.to_container(OmegaConf.load(ROOT / "experiments" / name))["data"]["params"]
+    kind, dump, val_docs, val_size, train_start, max_train_docs, ratios, rule = OFFICIAL_DATA[name]
+    stated = {"dump": dump, "val_docs": val_docs, "val_size": val_size, "train_start": train_start,
+              "max_train_docs": max_train_docs, "rule": rule}
+    if ratios is not None:
+        stated.update(ratios=ratios, longdoc_min_length=384)
+    assert {k: raw.get(k) for k in stated} == stated, "written in the YAML, not left to defaults"
+    assert C.load(ROOT / "experiments" / name).data.kind == kind

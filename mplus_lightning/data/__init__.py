@@ -12,7 +12,8 @@
 * `files`: reading text/JSON/JSON Lines inputs with errors naming file and line (shared with the evaluation readers,
   which live in `mplus_lightning.eval.data`).
 
-`data.kind` in a run config names one of these DataModules: the registry is `mplus_lightning.fit.DATAMODULES`.
+`data.kind` in a run config names one of these DataModules: the registry is `mplus_lightning.config.DATAMODULES`;
+each DataModule declares the typed schema of its `data.params` as `params_schema`.
 
 Names are imported on first use, so that ``python -m mplus_lightning.data.slimpajama`` does not import its own module
 twice and ``import mplus_lightning.data`` stays cheap.

@@ -22,7 +22,7 @@ about them by reading the fact back from its memory.
 
     facts.json                                 every person with their fact text and questions, per split
     retention/val_data.json                    held-out (context, question, answer) items: the evaluation's
-                                               "processed" layout (mplus_lightning/eval/data/retention.py)
+                                               "processed" layout (mplus_lightning/data/eval_sets/retention.py)
     retention/unrelated_contexts_from_train.json   training facts, injected between a fact and its question
     tokenizer_texts.txt                        what the demo's tokenizer is trained on
 

@@ -387,8 +387,8 @@ def model_vocab_size(trainer: Any) -> int | None:
 @dataclass
 class StreamParams:
     """The stream options of every data kind but `facts` (`SampleDataModule`'s arguments). A kind's `data.params`
-    schema inherits ``(StreamParams, ..., <its own fields>)``: a dataclass lists its bases' fields from the last base
-    to the first, so --print-config shows what a kind reads first and these options after it."""
+    schema is ``class XParams(StreamParams, ..., <dataclass of the kind's own parameters>)``: a dataclass lists its
+    bases' fields from the last base to the first, so --print-config shows what a kind reads first, these after."""
 
     rule: SampleRule = field(default_factory=SampleRule)
     """How documents are cut into context chunks and a target (official: chunks of 16..512 tokens, targets up to

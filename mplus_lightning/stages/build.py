@@ -3,16 +3,23 @@
 Stage 1 -> 2: same pool size; the retriever is new (fresh init, logged). Stage 2 -> 3 (ltm): the pool shrinks from
 num_blocks*K rows to (num_blocks - num_ltm_blocks)*K; the oldest rows move into the long-term memory with keys from the
 stage-2 retriever and their ages. Nothing is silently skipped: any other mismatch is an error naming the key.
+
+The backbone's shape comes from where the weights do (init_from's export, model.path's config.json) or, for
+init=tiny, from model.llama. A configured model.llama must agree with the weights' own; the run's saved config
+records the backbone as built (`built_config`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
+from transformers import LlamaConfig
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..model import LongTermMemory, MemoryState, MPlus, MPlusConfig
 from ..model.formats import load_state_strict
 from ..model.mplus import load_llama
@@ -48,9 +55,11 @@ def _build_weights(cfg: RunConfig) -> MPlus:
         path = _require_dir(m.path, "model.path (a local HF Llama directory, e.g. Llama-3.1-8B)")
         import json
         llama = json.loads((path / "config.json").read_text())
+        check_backbone(m.llama, llama, f"model.path {path}")
         return load_llama(path, m.to_mplus_config(llama))
     path = _require_dir(m.path, "model.path (an official release or our export)")
     model = MPlus.from_pretrained(path)
+    check_backbone(m.llama, model.config.llama, f"model.path {path}")
     _check_same_architecture(model.config, m.to_mplus_config(model.config.llama), str(path))
     return model
 
@@ -62,9 +71,43 @@ def _check_same_architecture(have: MPlusConfig, want: MPlusConfig, source: str) 
                              f"model.{key}={getattr(want, key)}")
 
 
+FILE_FIELDS = ("architectures", "transformers_version", "_name_or_path")
+"""config.json fields that describe the file, not the backbone: never compared, never recorded."""
+
+
+def check_backbone(configured: dict[str, Any], have: dict[str, Any], source: str) -> None:
+    """Raise ConfigError, one line per field, where the configured model.llama disagrees with the backbone of the
+    weights in `source` (an empty model.llama takes theirs). A field `have` lacks is compared with its LlamaConfig
+    default."""
+    defaults = None
+    differ = []
+    for key, want in configured.items():
+        if key in FILE_FIELDS:
+            continue
+        if key in have:
+            got = have[key]
+        else:
+            if defaults is None:
+                defaults = LlamaConfig(**{k: v for k, v in have.items() if k not in FILE_FIELDS})
+            got = getattr(defaults, key, "(not set)")
+        if got != want:
+            differ.append(f"  model.llama.{key}: config {want!r}, {source}: {got!r}")
+    if differ:
+        raise ConfigError(f"model.llama disagrees with the backbone of {source} (leave model.llama empty to take "
+                          "its backbone, or start from weights of this shape):\n" + "\n".join(differ))
+
+
+def built_config(cfg: RunConfig, model: MPlus) -> RunConfig:
+    """`cfg` with model.llama as the model was built (the export's or the Llama directory's backbone when the config
+    left it out): what a run's saved config.yaml records."""
+    llama = {k: v for k, v in model.config.llama.items() if k not in FILE_FIELDS}
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, llama=llama))
+
+
 def _from_previous_stage(cfg: RunConfig, path: Path) -> MPlus:
     """This run's architecture with the previous stage's weights; only new retriever weights may be missing."""
     prev = MPlusConfig.from_json(path / "config.json")
+    check_backbone(cfg.model.llama, prev.llama, f"init_from {path}")
     config = cfg.model.to_mplus_config(prev.llama)
     if config.num_tokens != prev.num_tokens:
         raise ValueError(f"init_from {path}: num_tokens {prev.num_tokens} -> {config.num_tokens} cannot change")
