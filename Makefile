@@ -5,7 +5,7 @@ STAMP   := .venv/.installed
 TORCH   ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: help setup test demo bench tiny stage1 stage2 stage3 clean
+.PHONY: help setup test demo bench gpu-check tiny stage1 stage2 stage3 clean
 
 help:  ## show this help
 	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -31,10 +31,14 @@ bench: setup  ## inference and training benchmarks at the `mid` shape (prints JS
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m mplus_lightning.bench inference --shape mid --out bench_out/inference.json
 	OMP_WAIT_POLICY=PASSIVE $(PY) -m mplus_lightning.bench training --shape mid --out bench_out/training.json
 
-tiny: setup  ## train the tiny CPU model through stage 1 -> 2 -> 3 (a few minutes)
-	$(PY) -m mplus_lightning.fit --config experiments/tiny.yaml
-	$(PY) -m mplus_lightning.fit --config experiments/tiny_stage2.yaml
-	$(PY) -m mplus_lightning.fit --config experiments/tiny_ltm.yaml
+gpu-check: setup  ## CUDA only: 8B-size latency, MFU and peak memory per memory placement, one JSON line (<= 8 min)
+	@mkdir -p bench_out
+	$(PY) -m mplus_lightning.gpu_check --shape 8b --out bench_out/gpu_check.json
+
+tiny: setup  ## train the tiny CPU model through stage 1 -> 2 -> 3 (a few minutes; starts again each time)
+	$(PY) -m mplus_lightning.fit --config experiments/tiny.yaml overwrite=true
+	$(PY) -m mplus_lightning.fit --config experiments/tiny_stage2.yaml overwrite=true
+	$(PY) -m mplus_lightning.fit --config experiments/tiny_ltm.yaml overwrite=true
 
 stage1: setup  ## stage 1 on Llama-3.1-8B (fill the paths in experiments/stage1.yaml or pass ARGS="key=value ...")
 	$(PY) -m mplus_lightning.fit --config experiments/stage1.yaml $(ARGS)

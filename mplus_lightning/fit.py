@@ -4,62 +4,119 @@ Precedence: config defaults <- the YAML file <- key=value overrides (e.g. `train
 `--print-config` prints the resolved config (each key under a comment saying what it does) and exits; `--describe
 [GROUP]` lists every key with its type, default and meaning. Outputs go to <run_dir>/<name>/:
   config.yaml         the resolved config
-  checkpoints/        Lightning checkpoints (+ each rank's memory beside them); last.ckpt is the newest
+  checkpoints/        one folder per checkpoint, step=N/: Lightning's checkpoint, each rank's memory, a manifest
   tensorboard/        TensorBoard logs (`tensorboard --logdir <run_dir>`)
   export/             at the end: a self-contained model directory (MPlus.from_pretrained), rank 0's memory
-Resume exactly with `resume=last` (or resume=<path to a .ckpt>).
+Resume exactly with `resume=last` (the newest complete checkpoint) or resume=<checkpoint folder>. A run folder that
+already holds a run is refused unless `resume` or `overwrite=true` is given.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import inspect
 import logging
+import shutil
 import sys
 from pathlib import Path
 
 import lightning as L
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+import torch
+from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from . import config as config_lib
-from .config import ConfigError, RunConfig
+from . import checkpointing as ck, config as config_lib
+from .checkpointing import CheckpointError, NonFiniteError
+from .config import DATAMODULES, ConfigError, RunConfig  # noqa: F401 (DATAMODULES: the data kinds, re-exported)
 from .stages import module_for
-from .stages.base import rank_state_path
+from .stages.build import built_config
+from .stages.step import max_over_ranks
 
 log = logging.getLogger("mplus_lightning.fit")
 
-# data.kind -> "module:Class"; each takes data.params as keyword arguments.
-DATAMODULES = {
-    "synthetic": "mplus_lightning.data.stream:SyntheticDataModule",
-    "fineweb": "mplus_lightning.data.fineweb:FineWebDataModule",
-    "slimpajama": "mplus_lightning.data.slimpajama:SlimPajamaDataModule",
-    "mixture": "mplus_lightning.data.mixture:MixtureDataModule",
-    "facts": "mplus_lightning.data.facts:FactsDataModule",
-}
+
+class CheckpointUnits(Checkpoint):
+    """Every `every` steps, one checkpoint unit (checkpointing.py): Lightning's checkpoint plus each rank's memory and
+    step state (they differ per rank and can be tens of GB, so they are not gathered into rank 0's file), committed
+    by a manifest; then the oldest units beyond `keep` are pruned. Non-finite weights, optimizer moments or memory
+    are never saved: the run stops instead."""
+
+    def __init__(self, directory: Path, every: int, keep: int):
+        self.directory, self.every, self.keep = Path(directory), every, keep
+        self.last_saved_step = -1
+        self._saving: dict | None = None   # {step, id} of the save in progress: also written into Lightning's file
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.last_saved_step = trainer.global_step   # a resumed run does not save the step it resumed from again
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if self.every >= 1 and step % self.every == 0 and step != self.last_saved_step and not trainer.sanity_checking:
+            self.save(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:
+        if self._saving is not None:
+            checkpoint[ck.UNIT_KEY] = dict(self._saving)
+
+    def save(self, trainer: L.Trainer, module) -> None:
+        step, rank = trainer.global_step, trainer.global_rank
+        bad = ck.first_non_finite(training_tensors(module, trainer.optimizers))
+        if max_over_ranks(int(bad is not None), module.device):
+            raise NonFiniteError(f"non-finite values after step {step - 1} ({bad or 'on another rank'}, rank {rank}): "
+                                 f"the checkpoint of step {step} was not written.", step)
+        unit = {"step": step, "id": trainer.strategy.broadcast(ck.new_unit_id())}
+        tmp = self.directory / (ck.unit_name(step) + ck.TMP)
+        if rank == 0:
+            ck.begin_unit(self.directory, step)
+        trainer.strategy.barrier("checkpoint_unit_begun")
+        self._saving = unit
+        try:
+            trainer.save_checkpoint(tmp / ck.MODEL)
+        finally:
+            self._saving = None
+        ck.after_phase("model", tmp)
+        has_rank_state = hasattr(module, "rank_state")   # stage pretrain has no memory
+        if has_rank_state:
+            ck.write_rank_state(tmp / ck.rank_state_name(rank), {**module.rank_state(), "unit": unit})
+        ck.after_phase("rank_state", tmp)
+        trainer.strategy.barrier("rank_states_written")
+        digests = gather_dicts(ck.file_digests(tmp, rank))
+        if rank == 0:
+            ck.commit_unit(tmp, step, unit["id"], trainer.world_size if has_rank_state else 0, digests)
+            ck.prune(self.directory, self.keep)
+        trainer.strategy.barrier("checkpoint_unit_committed")
+        self.last_saved_step = step
 
 
-class MemoryCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that also writes each rank's memory and step state beside the checkpoint (they differ per
-    rank and can be tens of GB, so they are not gathered into rank 0's file)."""
+def gather_dicts(part: dict) -> dict:
+    """The union of every rank's `part` (1 process: `part`)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return part
+    parts = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, part)
+    return {k: v for p in parts for k, v in p.items()}
 
-    def _save_checkpoint(self, trainer, filepath):
-        super()._save_checkpoint(trainer, filepath)
-        if trainer.lightning_module.memory is not None:   # stage pretrain has none
-            trainer.lightning_module.save_rank_state(rank_state_path(filepath, trainer.global_rank))
-        trainer.strategy.barrier("rank_state_saved")
 
-    def _remove_checkpoint(self, trainer, filepath):
-        super()._remove_checkpoint(trainer, filepath)
-        rank_state_path(filepath, trainer.global_rank).unlink(missing_ok=True)
+def training_tensors(module, optimizers) -> list[tuple[str, torch.Tensor]]:
+    """Everything a checkpoint saves that training can make non-finite: parameters, optimizer moments, memory rows."""
+    names = {id(p): n for n, p in module.named_parameters()}
+    out = [(f"parameter {n}", p) for n, p in module.named_parameters()]
+    for opt in optimizers:
+        for p, state in opt.state.items():
+            out += [(f"optimizer {k} of {names.get(id(p), '?')}", v) for k, v in state.items()
+                    if isinstance(v, torch.Tensor)]
+    memory = getattr(module, "memory", None)
+    if memory is not None:
+        out.append(("memory rows", memory.rows))
+        if memory.ltm is not None:
+            out += [("long-term memory rows", memory.ltm.rows[:, : len(memory.ltm)]),
+                    ("long-term memory keys", memory.ltm.keys[:, : len(memory.ltm)])]
+    return out
 
 
 def build_datamodule(cfg: RunConfig):
-    if cfg.data.kind not in DATAMODULES:
-        raise ConfigError(f"data.kind: {cfg.data.kind!r} is not one of {sorted(DATAMODULES)}")
-    module_name, cls_name = DATAMODULES[cfg.data.kind].split(":")
-    cls = getattr(importlib.import_module(module_name), cls_name)
+    """The DataModule of data.kind with data.params (typed and resolved when the config loaded)."""
+    cls = config_lib.datamodule_class(cfg.data.kind)
     required = [n for n, p in inspect.signature(cls).parameters.items()
                 if p.default is inspect.Parameter.empty and p.kind is not inspect.Parameter.VAR_KEYWORD]
     unset = [n for n in required if cfg.data.params.get(n) is None]
@@ -100,14 +157,74 @@ def instruction_ids(cfg: RunConfig, datamodule) -> list[int]:
     return ids
 
 
-def resolve_resume(cfg: RunConfig) -> str | None:
+RUN_OUTPUTS = ("checkpoints", "tensorboard", "export")
+"""What a run writes into its folder (besides config.yaml): a folder holding any of them holds a run."""
+
+
+def previous_run(out_dir: Path) -> list[str]:
+    """The outputs of an earlier run in `out_dir` (empty: nothing to lose)."""
+    return [name for name in RUN_OUTPUTS if (out_dir / name).is_dir() and any((out_dir / name).iterdir())]
+
+
+def resume_unit(cfg: RunConfig) -> ck.Unit:
+    """The checkpoint unit `resume` names: `last` is the newest complete one of this run folder (wherever the folder
+    now is); a path may be relative to the working directory or to the run folder."""
+    ckpts = cfg.out_dir / "checkpoints"
+    if cfg.resume == "last":
+        units = ck.list_units(ckpts)
+        if not units:
+            raise CheckpointError(f"resume=last: {ckpts} holds no complete checkpoint (a run saves one every "
+                                  "trainer.ckpt_every_n_steps); start without resume")
+        return units[-1]
+    path = Path(cfg.resume)
+    if not path.exists() and not path.is_absolute() and (cfg.out_dir / path).exists():
+        path = cfg.out_dir / path
+    return ck.find_unit(path, f"resume={cfg.resume}")
+
+
+def prepare_run_folder(cfg: RunConfig, rank: int) -> str | None:
+    """Check the run folder before anything is written and return the Lightning checkpoint to resume from.
+
+    A new run needs a folder without an earlier run's outputs, or `overwrite=true` (which deletes them). A resume
+    gets its unit verified (the files this rank reads) and the units after it moved aside. Only rank 0 changes the
+    folder: Lightning starts the other ranks later, and they must find the same checkpoint."""
+    out = cfg.out_dir
     if cfg.resume is None:
+        found = previous_run(out) if rank == 0 else []   # the other ranks start after rank 0 began writing
+        if found and not cfg.overwrite:
+            raise CheckpointError(
+                f"{out} already holds a run ({', '.join(found)}): continue it with resume=last, start it again with "
+                "overwrite=true (deletes its checkpoints, TensorBoard logs and export), or set another name=")
+        if found:
+            for name in found:
+                shutil.rmtree(out / name)
+            log.info("overwrite=true: deleted the earlier run's %s in %s", ", ".join(found), out)
         return None
-    path = cfg.out_dir / "checkpoints" / "last.ckpt" if cfg.resume == "last" else Path(cfg.resume)
-    if not path.exists():
-        raise FileNotFoundError(f"resume={cfg.resume}: {path} does not exist (checkpoints of this run are in "
-                                f"{cfg.out_dir / 'checkpoints'})")
-    return str(path)
+    if cfg.overwrite:
+        raise ConfigError(f"overwrite=true starts the run again from scratch and resume={cfg.resume} continues it: "
+                          "set only one of them")
+    unit = resume_unit(cfg)
+    ck.verify_or_refuse(unit, rank)
+    if rank == 0:
+        ckpts = out / "checkpoints"
+        ck.remove_incomplete(ckpts)
+        moved = ck.supersede(ckpts, unit)
+        if moved:
+            log.warning("resuming from %s: the later checkpoints %s belong to the abandoned run and were moved to %s",
+                        unit.path, [p.name for p in moved], moved[0].parent)
+    log.info("resuming from %s (step %d)", unit.path, unit.step)
+    return str(unit.model)
+
+
+def stop_advice(cfg: RunConfig, step: int) -> str:
+    """Where to resume after training went non-finite at `step`: the newest checkpoint saved before it (the one
+    saved at `step` holds the state that failed; resumed, it fails again)."""
+    unit = ck.newest_before(cfg.out_dir / "checkpoints", step)
+    if unit is None:
+        return (f"No checkpoint was saved before step {step}: start again with overwrite=true and a lower "
+                "learning rate (optim.lr).")
+    return (f"The last finite checkpoint before step {step} is {unit.path}: resume with resume={unit.path} and a lower "
+            "learning rate (optim.lr; a changed rate takes effect on resume), or check the data.")
 
 
 def build_trainer(cfg: RunConfig, callbacks: list | None = None) -> L.Trainer:
@@ -115,9 +232,7 @@ def build_trainer(cfg: RunConfig, callbacks: list | None = None) -> L.Trainer:
 
     t = cfg.trainer
     out = cfg.out_dir
-    checkpoint = MemoryCheckpoint(dirpath=out / "checkpoints", filename="step={step:09d}",
-                                  auto_insert_metric_name=False, every_n_train_steps=t.ckpt_every_n_steps,
-                                  save_last=True, save_top_k=t.keep_checkpoints, monitor="step", mode="max")
+    checkpoint = CheckpointUnits(out / "checkpoints", every=t.ckpt_every_n_steps, keep=t.keep_checkpoints)
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
         strategy=build_strategy(cfg), max_steps=t.max_steps, max_epochs=-1,
@@ -132,15 +247,19 @@ def build_trainer(cfg: RunConfig, callbacks: list | None = None) -> L.Trainer:
 
 def run(cfg: RunConfig, callbacks: list | None = None) -> L.Trainer:
     """Train one stage and export it to <out_dir>/export; `callbacks` are added to the Trainer's own."""
+    log.info("%s: %s", cfg.name, config_lib.learning_rates(cfg))
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
-    ckpt_path = resolve_resume(cfg)
+    trainer = build_trainer(cfg, callbacks)
+    ckpt_path = prepare_run_folder(cfg, trainer.global_rank)
     datamodule = build_datamodule(cfg)
     check_layout(cfg, datamodule)
     module = module_for(cfg.stage)(cfg, instruction_ids(cfg, datamodule))
-    trainer = build_trainer(cfg, callbacks)
     if trainer.global_rank == 0:
-        config_lib.save(cfg, cfg.out_dir / "config.yaml")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        config_lib.save(built_config(cfg, module.model), cfg.out_dir / "config.yaml")   # the backbone as built
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    except NonFiniteError as e:
+        raise NonFiniteError(f"{e} {stop_advice(cfg, e.step)}", e.step) from None
     export(trainer, module, cfg.out_dir / "export")
     return trainer
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mplus_lightning import MemoryState, config as C, fit
+from mplus_lightning import MemoryState, checkpointing as ck, config as C, fit
 from mplus_lightning.stages import LtmModule
 from mplus_lightning.stages.build import initial_memory
 from mplus_lightning.stages.step import Decisions, MemoryStep
@@ -85,10 +85,9 @@ def test_two_ranks_equal_one_process_on_the_same_global_batch_with_activation_ch
 def test_two_rank_resume_is_exact_and_ranks_read_disjoint_documents(tmp_path):
     launch(tmp_path, "straight", "trainer.max_steps=4", "trainer.ckpt_every_n_steps=2")
     launch(tmp_path, "split", "trainer.max_steps=2", "trainer.ckpt_every_n_steps=2")
-    ckpt = tmp_path / "split" / "checkpoints" / "last.ckpt"
-    assert ckpt.is_dir(), "FSDP2 writes a sharded (distributed) checkpoint"
-    assert {p.name for p in ckpt.parent.glob("last.ckpt.rank*.state")} == {"last.ckpt.rank0.state",
-                                                                          "last.ckpt.rank1.state"}
+    (unit,) = ck.list_units(tmp_path / "split" / "checkpoints")
+    assert unit.model.is_dir(), "FSDP2 writes a sharded (distributed) checkpoint"
+    assert {p.name for p in unit.path.glob("rank*")} == {"rank0.safetensors", "rank1.safetensors"}
     launch(tmp_path, "split", "trainer.max_steps=4", "trainer.ckpt_every_n_steps=2", "resume=last")
     a, b = scalars(tmp_path / "straight", "train/loss"), scalars(tmp_path / "split", "train/loss")
     assert sorted(a) == sorted(b) == [0, 1, 2, 3]
@@ -97,15 +96,16 @@ def test_two_rank_resume_is_exact_and_ranks_read_disjoint_documents(tmp_path):
     states = {}
     for run in ("straight", "split"):
         for r in (0, 1):
-            states[run, r] = torch.load(tmp_path / run / "checkpoints" / f"last.ckpt.rank{r}.state",
-                                        weights_only=False)
+            states[run, r] = ck.read_rank_state(ck.list_units(tmp_path / run / "checkpoints")[-1].rank_state(r))
     for r in (0, 1):
         torch.testing.assert_close(states["split", r]["memory"]["rows"], states["straight", r]["memory"]["rows"])
     docs0, docs1 = set(states["straight", 0]["recent_docs"]), set(states["straight", 1]["recent_docs"])
     assert len(docs0) == len(docs1) == 4 and not docs0 & docs1
     # the sharded checkpoint exports to the same model the run exported, with either rank's memory
     from mplus_lightning.export import main as export_main
-    assert export_main([str(ckpt), str(tmp_path / "exported1"), "--rank", "1"]) == 0
+    newest = ck.list_units(tmp_path / "split" / "checkpoints")[-1]
+    assert newest.step == 4 and ck.verify_unit(newest)["ranks"] == 2
+    assert export_main([str(newest.path), str(tmp_path / "exported1"), "--rank", "1"]) == 0
     run_export = load_file(str(tmp_path / "split" / "export" / "model.safetensors"))
     exported = load_file(str(tmp_path / "exported1" / "model.safetensors"))
     assert exported.keys() == run_export.keys()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mplus_lightning import MemoryState, MPlus, config as C, fit
+from mplus_lightning import MemoryState, MPlus, checkpointing as ck, config as C, fit
 from mplus_lightning.data.sample import Sample
 from mplus_lightning.stages import LtmModule
 from mplus_lightning.stages.build import fit_pool
@@ -35,7 +35,8 @@ def test_resume_continues_exactly(tmp_path):
     fit.run(straight)
     first = ltm_cfg(tmp_path, "split", "trainer.max_steps=2", "trainer.ckpt_every_n_steps=2")
     fit.run(first)
-    assert (first.out_dir / "checkpoints" / "last.ckpt.rank0.state").is_file()
+    (unit,) = ck.list_units(first.out_dir / "checkpoints")
+    assert unit.step == 2 and unit.rank_state(0).is_file() and unit.model.is_file()
     fit.run(ltm_cfg(tmp_path, "split", "trainer.max_steps=4", "trainer.ckpt_every_n_steps=2", "resume=last"))
     a, b = scalars(straight.out_dir, "train/loss"), scalars(first.out_dir, "train/loss")
     assert sorted(a) == sorted(b) == [0, 1, 2, 3]
@@ -48,7 +49,7 @@ def test_resume_continues_exactly(tmp_path):
     assert torch.equal(mb.ranks, ma.ranks) and len(ma.ltm) == len(mb.ltm) > 0
     # `python -m mplus_lightning.export` turns the last checkpoint into the same model directory
     from mplus_lightning.export import main as export_main
-    assert export_main([str(first.out_dir / "checkpoints" / "last.ckpt"), str(tmp_path / "exported")]) == 0
+    assert export_main([str(first.out_dir / "checkpoints"), str(tmp_path / "exported")]) == 0   # the newest: step 4
     model, again = MPlus.from_pretrained(tmp_path / "exported"), MPlus.from_pretrained(first.out_dir / "export")
     for (k, v), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items()):
         assert k == k2 and torch.equal(v, v2), k
@@ -84,10 +85,12 @@ def test_nan_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tmp_pa
 
     monkeypatch.setattr(MemoryStep, "step", poisoned)
     cfg = ltm_cfg(tmp_path, "nan", "trainer.max_steps=6", "trainer.ckpt_every_n_steps=2")
-    with pytest.raises(FloatingPointError, match="non-finite training loss .* at step 3"):
+    with pytest.raises(FloatingPointError, match="non-finite training loss .* at step 3") as e:
         fit.run(cfg)
     ckpts = cfg.out_dir / "checkpoints"
-    assert torch.load(ckpts / "last.ckpt", weights_only=False)["global_step"] == 2
+    assert f"The last finite checkpoint before step 3 is {ckpts / 'step=000000002'}" in str(e.value)
+    assert [u.step for u in ck.list_units(ckpts)] == [2]
+    assert torch.load(ck.list_units(ckpts)[-1].model, weights_only=True)["global_step"] == 2
     assert not list(ckpts.glob("step=000000004*"))
     monkeypatch.setattr(MemoryStep, "step", real)
     fit.run(ltm_cfg(tmp_path, "nan", "trainer.max_steps=4", "trainer.ckpt_every_n_steps=2", "resume=last"))

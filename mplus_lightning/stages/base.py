@@ -3,46 +3,37 @@ memory stages' module, a thin Lightning shell around `MemoryStep` (stages/step.p
 memory and runs the step.
 
 Where we differ from the official recipe: full-context steps step the scheduler too (the official code skipped the
-scheduler on them), and the learning rate does not scale with the GPU count (the official code multiplied it).
-Each rank's memory and step state is saved beside every checkpoint (`rank_state_path`); the official code saved
-weights only.
+scheduler on them), and the learning rate does not scale with the GPU count (the official code multiplied it by the
+GPUs of a node; the shipped configs state the effective rates it trained at on 8 GPUs).
+Each rank's memory and step state is saved with every checkpoint (a checkpoint unit, checkpointing.py); the official
+code saved weights only.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 
+from .. import checkpointing as ck
+from ..checkpointing import CheckpointError, NonFiniteError
 from ..config import RunConfig
 from ..model import MemoryState, MPlus
 from .build import build_model, initial_memory
 from .step import Decisions, MemoryStep, max_over_ranks
 
 log = logging.getLogger(__name__)
-RANK_STATE_SUFFIX = ".rank{rank}.state"
+
+SELECTOR_PARAMETERS = ("query_proj", "key_proj")
+"""The selector group holds every trainable parameter whose name contains one of these (the retrievers' query, key
+and encoder-query projectors), as the official code grouped them; the main group holds the rest."""
 
 
-def rank_state_path(ckpt_path: str | Path, rank: int) -> Path:
-    """Each rank's memory and step state live beside the Lightning checkpoint (they differ per rank)."""
-    return Path(str(ckpt_path) + RANK_STATE_SUFFIX.format(rank=rank))
-
-
-def save_rank_state(path: Path, state: dict[str, Any]) -> None:
-    """Write one rank's state file (`MemoryStep.state_dict()` plus the torch RNG and the world size)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: an interrupted save never leaves a half-written state
-
-
-def load_rank_state(path: Path) -> dict[str, Any]:
-    """Read a state file written by `save_rank_state` (on CPU)."""
-    return torch.load(path, weights_only=False, map_location="cpu")
+def is_selector_parameter(name: str) -> bool:
+    return any(part in name for part in SELECTOR_PARAMETERS)
 
 
 class TrainingRecipe:
@@ -59,13 +50,16 @@ class TrainingRecipe:
             raise ValueError(f"{type(self).__name__} trains {self.stage}, config says stage={cfg.stage}")
 
     def configure_optimizers(self):
+        """AdamW over the groups main (optim.lr) and selector (optim.selector_lr, when the retriever trains), both at
+        the configured rates, unscaled; the schedule multiplies both (`config.learning_rates` says it in words)."""
         o = self.cfg.optim
-        main = [p for n, p in self.model.named_parameters() if p.requires_grad and "retriever" not in n]
-        selector = [p for n, p in self.model.named_parameters() if p.requires_grad and "retriever" in n]
+        trainable = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        main = [p for n, p in trainable if not is_selector_parameter(n)]
+        selector = [p for n, p in trainable if is_selector_parameter(n)]
         groups = [{"params": main, "lr": o.lr, "name": "main"}]
         if selector:
             groups.append({"params": selector, "lr": o.selector_lr, "name": "selector"})
-        opt = torch.optim.AdamW(groups, weight_decay=o.weight_decay, betas=tuple(o.betas))
+        opt = torch.optim.AdamW(groups, weight_decay=o.weight_decay, betas=tuple(o.betas), eps=1e-8)
         if o.schedule == "constant" and o.warmup_steps == 0:
             return opt
 
@@ -104,9 +98,30 @@ class TrainingRecipe:
         """The model's config travels in the checkpoint, so `python -m mplus_lightning.export` needs nothing else."""
         checkpoint["mplus_config"] = self.model.config.to_dict()
 
+    def on_train_start(self) -> None:
+        """A learning rate changed in the config since the checkpoint takes effect (Lightning restores the saved
+        optimizer and scheduler, rates included, just before this hook)."""
+        o = self.cfg.optim
+        wanted = {"main": (o.lr, "optim.lr"), "selector": (o.selector_lr, "optim.selector_lr")}
+        configs = self.trainer.lr_scheduler_configs
+        scheduler = configs[0].scheduler if configs else None
+        for i, group in enumerate(self.trainer.optimizers[0].param_groups):
+            if group.get("name") not in wanted:
+                continue
+            new, key = wanted[group["name"]]
+            old = group.get("initial_lr", group["lr"])
+            if old == new:
+                continue
+            log.warning("learning rate changed on resume: %s %g -> %g", key, old, new)
+            if scheduler is None:
+                group["lr"] = new
+                continue
+            group["initial_lr"] = scheduler.base_lrs[i] = new
+            group["lr"] = new * scheduler.lr_lambdas[i](scheduler.last_epoch)
+
     def count_samples(self, n: int) -> None:
-        """Advance the data position (saved in checkpoints) in the training step, not in on_train_batch_end:
-        ModelCheckpoint saves in its own on_train_batch_end, which Lightning calls before the module's."""
+        """Advance the data position (saved in checkpoints) in the training step, not in on_train_batch_end: the
+        checkpoint callback saves in its own on_train_batch_end, which Lightning calls before the module's."""
         dm = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if dm is not None and hasattr(dm, "samples_consumed"):
             dm.samples_consumed += n
@@ -128,10 +143,9 @@ class TrainingRecipe:
     def stop_if_not_finite(self, loss: torch.Tensor, what: str) -> None:
         """Every rank stops together on a non-finite loss, with the step and what was being trained."""
         if self._agree_max(int(not torch.isfinite(loss))):
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"non-finite training loss ({loss.item()} on rank {self.global_rank}) at step {self.global_step} "
-                f"({what}): stopping. Nothing was saved after the last good checkpoint; resume from it with a lower "
-                "learning rate (optim.lr) or check the data.")
+                f"({what}): stopping.", self.global_step)
 
 
 class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
@@ -187,13 +201,23 @@ class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
         log = dict(on_step=True, on_epoch=False, batch_size=1)
         self.log("train/loss", result.loss, prog_bar=True, **log)
         self.log("train/lm_loss", result.lm_loss, **log)
-        self.log(f"train/lm_loss_{result.kind}", result.lm_loss, **log)
         self.log("train/tokens_per_s", result.tokens / max(elapsed, 1e-9), prog_bar=True, **log)
-        for k, v in result.metrics.items():
-            self.log(f"train/{k}", float(v), **log)
         if self.memory.ltm is not None:
             self.log("ltm/size", float(len(self.memory.ltm)), **log)
+        self.log_this_step_only({f"train/lm_loss_{result.kind}": result.lm_loss.detach(),
+                                 **{f"train/{k}": v for k, v in result.metrics.items()}})
         return result.loss
+
+    def log_this_step_only(self, metrics: dict[str, Any]) -> None:
+        """Write metrics that only some step kinds have straight to the loggers, at the steps Lightning writes its own
+        (rank 0): `self.log` would repeat a key's last value at every later step, as Lightning keeps each logged key
+        until the epoch ends and the memory stages run one endless epoch."""
+        trainer = self._trainer
+        if trainer is None or trainer.global_rank != 0 or (self.global_step + 1) % trainer.log_every_n_steps:
+            return
+        values = {k: float(v) for k, v in metrics.items()}
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=self.global_step)
 
     def validation_step(self, sample, batch_idx):
         """Held-out LM loss and next-token accuracy of the target after injecting its contexts into a *copy* of the
@@ -203,15 +227,14 @@ class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
         self.log("val/token_acc", accuracy, batch_size=1, sync_dist=True)
 
     # ---- per-rank state in checkpoints -------------------------------------------------------------------
-    def rank_state(self) -> dict:
+    def rank_state(self) -> dict[str, Any]:
+        """What this rank saves with each checkpoint (checkpointing.write_rank_state)."""
         return {**self.memory_step.state_dict(), "torch_rng": torch.get_rng_state(),
                 "world_size": self.trainer.world_size}
 
-    def save_rank_state(self, path: Path) -> None:
-        save_rank_state(path, self.rank_state())
-
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Load this rank's memory and step state from beside the checkpoint.
+        """Load this rank's memory and step state from the checkpoint unit being resumed (its files were verified
+        against the manifest before the run started).
 
         Another world size than at save time: new rank r continues the state of saved rank r % saved_world_size
         (memories are duplicated when growing, the surplus ones dropped when shrinking), and the log says so.
@@ -219,20 +242,22 @@ class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
         ckpt_path = self.trainer.ckpt_path if self._trainer is not None else None
         if ckpt_path is None:
             return
-        rank, world = self.trainer.global_rank, self.trainer.world_size
-        saved = sorted(Path(str(ckpt_path)).parent.glob(Path(str(ckpt_path)).name + ".rank*.state"))
+        unit = ck.unit_containing(ckpt_path)
+        if unit is None:
+            raise CheckpointError(f"{ckpt_path} is not inside a checkpoint folder of mplus_lightning.fit "
+                                  f"(checkpoints/step=N/ with {ck.MANIFEST}): resume with resume=<that folder>")
+        saved = ck.read_manifest(unit)["ranks"]
         if not saved:
-            raise FileNotFoundError(
-                f"no memory state beside {ckpt_path}: every rank's memory is saved as "
-                f"<ckpt>{RANK_STATE_SUFFIX.format(rank='<r>')}; was this checkpoint written by mplus_lightning?")
-        source = rank % len(saved)
-        if len(saved) != world:
+            raise CheckpointError(f"{unit.path} holds no memory state (a stage pretrain checkpoint): start stage "
+                                  f"{self.stage} from its run's export with init_from=, not with resume")
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        source = rank % saved
+        if saved != world:
             log.warning("resuming a checkpoint saved by %d ranks on %d ranks: rank %d continues the memory and "
-                        "step state of saved rank %d", len(saved), world, rank, source)
-        path = rank_state_path(ckpt_path, source)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing (found {[p.name for p in saved]})")
+                        "step state of saved rank %d", saved, world, rank, source)
         # Applied now: Lightning calls this hook after on_fit_start when the strategy restores after setup (FSDP2).
-        state = load_rank_state(path)
+        path = unit.rank_state(source)
+        state = ck.read_rank_state(path)
+        ck.check_same_save(checkpoint.get(ck.UNIT_KEY), state.get("unit"), unit.model, path)
         self.memory_step.load_state_dict(state, device=self.device, memory_dtype=self.memory_dtype)
         torch.set_rng_state(state["torch_rng"])
