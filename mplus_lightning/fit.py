@@ -6,7 +6,8 @@ Precedence: config defaults <- the YAML file <- key=value overrides (e.g. `train
   config.yaml         the resolved config
   checkpoints/        one folder per checkpoint, step=N/: Lightning's checkpoint, each rank's memory, a manifest
   tensorboard/        TensorBoard logs (`tensorboard --logdir <run_dir>`)
-  export/             at the end: a self-contained model directory (MPlus.from_pretrained), rank 0's memory
+  export/             at the end: a self-contained model directory (MPlus.from_pretrained), rank 0's memory and
+                      the data's tokenizer
 Resume exactly with `resume=last` (the newest complete checkpoint) or resume=<checkpoint folder>. A run folder that
 already holds a run is refused unless `resume` or `overwrite=true` is given.
 """
@@ -14,10 +15,12 @@ already holds a run is refused unless `resume` or `overwrite=true` is given.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import logging
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -25,7 +28,7 @@ import torch
 from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from . import checkpointing as ck, config as config_lib
+from . import checkpointing as ck, config as config_lib, progress
 from .checkpointing import CheckpointError, NonFiniteError
 from .config import DATAMODULES, ConfigError, RunConfig  # noqa: F401 (DATAMODULES: the data kinds, re-exported)
 from .stages import module_for
@@ -228,25 +231,49 @@ def stop_advice(cfg: RunConfig, step: int) -> str:
 
 
 def build_trainer(cfg: RunConfig, callbacks: list | None = None) -> L.Trainer:
+    """The Trainer of a run. Progress shows as Lightning's bar over `max_steps` on a terminal (with
+    `trainer.progress_bar`), else as one line every `trainer.log_every_n_steps` (output redirected to a file), unless
+    `callbacks` bring their own `Progress`."""
     from .distributed import build_strategy
 
+    progress.silence_noise()
     t = cfg.trainer
     out = cfg.out_dir
     checkpoint = CheckpointUnits(out / "checkpoints", every=t.ckpt_every_n_steps, keep=t.keep_checkpoints)
+    callbacks = list(callbacks or [])
+    bar = t.progress_bar and progress.on_terminal()
+    if bar:
+        callbacks.append(progress.StepBar(cfg.name))
+    elif not any(isinstance(c, progress.Progress) for c in callbacks):
+        callbacks.append(progress.Progress(cfg.name, t.log_every_n_steps))
     return L.Trainer(
         accelerator=t.accelerator, devices=t.devices, num_nodes=t.num_nodes, precision=t.precision,
         strategy=build_strategy(cfg), max_steps=t.max_steps, max_epochs=-1,
         accumulate_grad_batches=t.accumulate_grad_batches,
         val_check_interval=t.val_every_n_steps, check_val_every_n_epoch=None, limit_val_batches=t.val_batches,
-        num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, enable_progress_bar=t.progress_bar,
-        logger=TensorBoardLogger(save_dir=str(out), name="tensorboard", version=""),
-        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), *(callbacks or [])],
+        num_sanity_val_steps=0, log_every_n_steps=t.log_every_n_steps, enable_progress_bar=bar,
+        logger=TensorBoardLogger(save_dir=str(out), name="tensorboard", version="", default_hp_metric=False),
+        callbacks=[checkpoint, LearningRateMonitor(logging_interval="step"), *callbacks],
         enable_model_summary=False, deterministic=False, use_distributed_sampler=False,
     )
 
 
+def flat_config(cfg: RunConfig) -> dict[str, object]:
+    """The resolved config as `group.key: value` (lists and mappings as text), for TensorBoard's hparams."""
+    def walk(prefix: str, value) -> dict[str, object]:
+        if dataclasses.is_dataclass(value):
+            value = dataclasses.asdict(value)
+        if isinstance(value, dict) and value:
+            return {k: v for key, sub in value.items() for k, v in walk(f"{prefix}{key}.", sub).items()}
+        key = prefix.rstrip(".")
+        return {key: value if isinstance(value, (int, float, str, bool)) else str(value)}
+
+    return walk("", cfg)
+
+
 def run(cfg: RunConfig, callbacks: list | None = None) -> L.Trainer:
-    """Train one stage and export it to <out_dir>/export; `callbacks` are added to the Trainer's own."""
+    """Train one stage and export it to <out_dir>/export; `callbacks` are added to the Trainer's own. Ends with a
+    paragraph on stdout (rank 0): steps, time, final losses, the newest checkpoint and the export."""
     log.info("%s: %s", cfg.name, config_lib.learning_rates(cfg))
     L.seed_everything(cfg.trainer.seed, workers=True, verbose=False)
     trainer = build_trainer(cfg, callbacks)
@@ -256,24 +283,54 @@ def run(cfg: RunConfig, callbacks: list | None = None) -> L.Trainer:
     module = module_for(cfg.stage)(cfg, instruction_ids(cfg, datamodule))
     if trainer.global_rank == 0:
         config_lib.save(built_config(cfg, module.model), cfg.out_dir / "config.yaml")   # the backbone as built
+    trainer.logger.log_hyperparams(flat_config(cfg))
+    started = time.perf_counter()
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     except NonFiniteError as e:
         raise NonFiniteError(f"{e} {stop_advice(cfg, e.step)}", e.step) from None
-    export(trainer, module, cfg.out_dir / "export")
+    export(trainer, module, cfg.out_dir / "export", tokenizer=cfg.data.params.get("tokenizer"))
+    if trainer.global_rank == 0:
+        units = ck.list_units(cfg.out_dir / "checkpoints")
+        final = {**{k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1},
+                 **getattr(module, "last_logged", {})}
+        print(progress.summary(cfg.name, trainer.global_step, time.perf_counter() - started, final,
+                               str(units[-1].path) if units else None, str(cfg.out_dir / "export")), flush=True)
     return trainer
 
 
-def export(trainer: L.Trainer, module, out_dir: Path) -> None:
-    """The run's result as a self-contained model directory (rank 0's memory)."""
+def export(trainer: L.Trainer, module, out_dir: Path, tokenizer: str | None = None) -> None:
+    """The run's result as a self-contained model directory (rank 0's memory), with the data's tokenizer when the run
+    had one (so evaluations need no --tokenizer), readable by the group."""
     from .distributed import full_state_dict
 
     state = full_state_dict(trainer, module.model)
     if trainer.global_rank == 0:
         from .model.formats import save_model_state
         save_model_state(module.model.config, state, out_dir, module.memory)
+        if tokenizer:
+            copy_tokenizer(Path(tokenizer), out_dir)
+        share_with_group(out_dir)
         log.info("exported %s", out_dir)
     trainer.strategy.barrier("export")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+"""What a Hugging Face tokenizer directory holds (the fast tokenizer's files and a slow one's sentencepiece model)."""
+
+
+def copy_tokenizer(source: Path, out_dir: Path) -> None:
+    """Copy the tokenizer files of `source` (a directory, or a tokenizer.json file) into `out_dir`."""
+    files = [source] if source.is_file() else [source / name for name in TOKENIZER_FILES if (source / name).is_file()]
+    for f in files:
+        shutil.copyfile(f, out_dir / ("tokenizer.json" if source.is_file() else f.name))
+
+
+def share_with_group(root: Path) -> None:
+    """Files 0644 and folders 0755: the exports are written through private temporary files (0600)."""
+    root.chmod(0o755)
+    for path in root.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def build_parser() -> argparse.ArgumentParser:

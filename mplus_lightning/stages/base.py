@@ -12,7 +12,6 @@ code saved weights only.
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import lightning as L
@@ -22,6 +21,7 @@ from .. import checkpointing as ck
 from ..checkpointing import CheckpointError, NonFiniteError
 from ..config import RunConfig
 from ..model import MemoryState, MPlus
+from ..progress import TrainingCurves
 from .build import build_model, initial_memory
 from .step import Decisions, MemoryStep, max_over_ranks
 
@@ -30,6 +30,17 @@ log = logging.getLogger(__name__)
 SELECTOR_PARAMETERS = ("query_proj", "key_proj")
 """The selector group holds every trainable parameter whose name contains one of these (the retrievers' query, key
 and encoder-query projectors), as the official code grouped them; the main group holds the rest."""
+
+
+def gradient_norm(parameters) -> float:
+    """Total 2-norm of the gradients of `parameters` (sharded gradients: over all shards, a collective)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
+    if hasattr(norm, "full_tensor"):   # FSDP2: a DTensor holding this rank's partial norm
+        norm = norm.full_tensor()
+    return float(norm)
 
 
 def is_selector_parameter(name: str) -> bool:
@@ -97,6 +108,7 @@ class TrainingRecipe:
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """The model's config travels in the checkpoint, so `python -m mplus_lightning.export` needs nothing else."""
         checkpoint["mplus_config"] = self.model.config.to_dict()
+        self.save_curves(checkpoint)
 
     def on_train_start(self) -> None:
         """A learning rate changed in the config since the checkpoint takes effect (Lightning restores the saved
@@ -126,15 +138,65 @@ class TrainingRecipe:
         if dm is not None and hasattr(dm, "samples_consumed"):
             dm.samples_consumed += n
 
-    def _start_clock(self) -> None:
-        if getattr(self, "_t0", None) is None:
-            self._t0 = time.perf_counter()
+    @property
+    def curves(self) -> TrainingCurves:
+        """The scalars of the current logging interval (written by `on_before_optimizer_step`)."""
+        if getattr(self, "_curves", None) is None:
+            self._curves = TrainingCurves()
+        return self._curves
 
-    def _lap(self) -> float:
-        """Seconds since the previous step ended (for train/tokens_per_s)."""
-        now = time.perf_counter()
-        elapsed, self._t0 = now - self._t0, now
-        return elapsed
+    def record_step(self, tokens: int, samples: int, values: dict[str, Any]) -> None:
+        """Add one step's scalars to the logging interval; the loss also goes to the progress bar and callbacks (not
+        to the loggers: Lightning would write its latest value instead of the interval's mean)."""
+        self.curves.add(tokens, samples, {k: float(v) for k, v in values.items()})
+        for key in ("train/loss", "train/lm_loss"):
+            if key in values:
+                self.log(key, float(values[key]), prog_bar=key == "train/loss", logger=False, on_step=True,
+                         on_epoch=False, batch_size=max(1, samples))
+
+    def is_logging_step(self) -> bool:
+        trainer = self._trainer
+        return trainer is not None and (self.global_step + 1) % max(1, trainer.log_every_n_steps) == 0
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """At each logging step: the gradient norm before clipping and the interval's scalars (every rank computes,
+        as sharded gradients and token counts need all of them; rank 0 writes)."""
+        if not self.is_logging_step():
+            return
+        values = {**self.flush_curves(), "train/grad_norm": gradient_norm(self.parameters())}
+        self.write_metrics(values, self.global_step)
+
+    def on_train_end(self) -> None:
+        """The last, partial interval of a run whose length is no multiple of the logging interval."""
+        if self.curves.counts:
+            self.write_metrics(self.flush_curves(), max(0, self.global_step - 1))
+
+    def flush_curves(self) -> dict[str, float]:
+        def summed_over_ranks(counts: list[int]) -> list[int]:
+            if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+                return counts
+            t = torch.tensor(counts, dtype=torch.float64, device=self.device)
+            torch.distributed.all_reduce(t)
+            return [int(x) for x in t.tolist()]
+
+        values = self.curves.flush(summed_over_ranks)
+        self.last_logged = values
+        return values
+
+    def write_metrics(self, values: dict[str, float], step: int) -> None:
+        trainer = self._trainer
+        if trainer is None or trainer.global_rank != 0:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(values, step=step)
+
+    def save_curves(self, checkpoint: dict) -> None:
+        checkpoint["training_curves"] = self.curves.state_dict()
+
+    def restore_curves(self, checkpoint: dict) -> None:
+        """Cumulative tokens and samples continue on resume (checkpoints from before they existed start at 0)."""
+        if "training_curves" in checkpoint:
+            self.curves.load_state_dict(checkpoint["training_curves"])
 
     def _agree_max(self, value: int) -> int:
         """The largest `value` over all ranks (1 process: `value`)."""
@@ -193,31 +255,16 @@ class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
 
     # ---- Lightning hooks ------------------------------------------------------------------------------------
     def training_step(self, sample, batch_idx):
-        self._start_clock()
         result = self.memory_step.step(sample, self.global_step)
         self.stop_if_not_finite(result.loss, f"{result.kind} step, document {sample.doc_id}")
         self.count_samples(1)
-        elapsed = self._lap()
-        log = dict(on_step=True, on_epoch=False, batch_size=1)
-        self.log("train/loss", result.loss, prog_bar=True, **log)
-        self.log("train/lm_loss", result.lm_loss, **log)
-        self.log("train/tokens_per_s", result.tokens / max(elapsed, 1e-9), prog_bar=True, **log)
+        lm_loss = result.lm_loss.detach()
+        self.record_step(result.tokens, 1, {"train/loss": result.loss.detach(), "train/lm_loss": lm_loss,
+                                            f"train/lm_loss_{result.kind}": lm_loss,
+                                            **{f"train/{k}": v for k, v in result.metrics.items()}})
         if self.memory.ltm is not None:
-            self.log("ltm/size", float(len(self.memory.ltm)), **log)
-        self.log_this_step_only({f"train/lm_loss_{result.kind}": result.lm_loss.detach(),
-                                 **{f"train/{k}": v for k, v in result.metrics.items()}})
+            self.log("ltm/size", float(len(self.memory.ltm)), on_step=True, on_epoch=False, batch_size=1)
         return result.loss
-
-    def log_this_step_only(self, metrics: dict[str, Any]) -> None:
-        """Write metrics that only some step kinds have straight to the loggers, at the steps Lightning writes its own
-        (rank 0): `self.log` would repeat a key's last value at every later step, as Lightning keeps each logged key
-        until the epoch ends and the memory stages run one endless epoch."""
-        trainer = self._trainer
-        if trainer is None or trainer.global_rank != 0 or (self.global_step + 1) % trainer.log_every_n_steps:
-            return
-        values = {k: float(v) for k, v in metrics.items()}
-        for logger in trainer.loggers:
-            logger.log_metrics(values, step=self.global_step)
 
     def validation_step(self, sample, batch_idx):
         """Held-out LM loss and next-token accuracy of the target after injecting its contexts into a *copy* of the
@@ -239,6 +286,7 @@ class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
         Another world size than at save time: new rank r continues the state of saved rank r % saved_world_size
         (memories are duplicated when growing, the surplus ones dropped when shrinking), and the log says so.
         """
+        self.restore_curves(checkpoint)
         ckpt_path = self.trainer.ckpt_path if self._trainer is not None else None
         if ckpt_path is None:
             return

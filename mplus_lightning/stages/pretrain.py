@@ -32,18 +32,16 @@ class PretrainModule(TrainingRecipe, L.LightningModule):
         self.memory = None   # nothing to export beside the weights
 
     def training_step(self, batch, batch_idx):
-        self._start_clock()
         ids, mask = batch["input_ids"], batch["loss_mask"]
         loss, count, hits = self.model.plain_lm_loss(ids, mask)
         self.stop_if_not_finite(loss, f"pretrain batch of {ids.shape[0]} sequences")
         self.count_samples(ids.shape[0])
-        elapsed = self._lap()
-        log = dict(on_step=True, on_epoch=False, batch_size=ids.shape[0])
-        self.log("train/loss", loss, prog_bar=True, **log)
-        self.log("train/lm_loss", loss, **log)
-        self.log("train/token_acc", hits.float() / count.clamp(min=1), **log)
-        self.log("train/tokens_per_s", ids.numel() / max(elapsed, 1e-9), prog_bar=True, **log)
+        self.record_step(ids.numel(), ids.shape[0], {"train/loss": loss.detach(), "train/lm_loss": loss.detach(),
+                                                     "train/token_acc": hits.float() / count.clamp(min=1)})
         return loss
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.restore_curves(checkpoint)
 
     def validation_step(self, batch, batch_idx):
         loss, count, hits = self.model.plain_lm_loss(batch["input_ids"], batch["loss_mask"])
