@@ -1,7 +1,7 @@
 """Bad input gets an error that names the problem (and the fix), never a crash deep in torch."""
 import json
-import warnings
 import shutil
+import warnings
 
 import pytest
 import torch

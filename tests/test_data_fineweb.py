@@ -36,7 +36,7 @@ def test_hf_layout_order_validation_and_training_are_disjoint(hf_layout, tok_dir
     dm.setup("fit")
     table = dm.table()
     assert len(table) == 60  # the other dump is not read
-    assert table.doc_id(0) == f"train-2-of-10.parquet:0" and table.doc_id(25) == "train-10-of-10.parquet:0"
+    assert table.doc_id(0) == "train-2-of-10.parquet:0" and table.doc_id(25) == "train-10-of-10.parquet:0"
     assert [table.text(i) for i in range(60)] == docs
     val = dm.val_samples()
     assert [s.doc_id for s in val] == [table.doc_id(i) for i in range(4) if len(encode(tok, docs[i])) >= 2]

@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 
 from mplus_lightning.data import slimpajama as sp
-from mplus_lightning.data.slimpajama import (BUCKETS, BucketDocuments, SlimPajamaDataModule, build_buckets,
-                                             find_source_files)
+from mplus_lightning.data.slimpajama import (
+    BUCKETS,
+    BucketDocuments,
+    SlimPajamaDataModule,
+    build_buckets,
+    find_source_files,
+)
 from mplus_lightning.data.stream import DataFormatError
 from mplus_lightning.data.tokenizer import encode, train_tiny_tokenizer
 

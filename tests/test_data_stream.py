@@ -7,8 +7,16 @@ import torch
 from torch.utils.data import DataLoader
 
 from mplus_lightning.data.sample import SampleRule
-from mplus_lightning.data.stream import (DocumentSource, SampleLoader, SampleStream, SourceSpec, SyntheticDataModule,
-                                         SyntheticDocuments, collate_single, worker_share)
+from mplus_lightning.data.stream import (
+    DocumentSource,
+    SampleLoader,
+    SampleStream,
+    SourceSpec,
+    SyntheticDataModule,
+    SyntheticDocuments,
+    collate_single,
+    worker_share,
+)
 
 DOCS = SyntheticDocuments(150, 512, min_length=16, max_length=2600, seed=11)
 ACCEPTED = {DOCS.doc_id(i) for i in range(len(DOCS)) if SampleRule().accepts(DOCS.length_hint(i))}

@@ -50,7 +50,8 @@ def test_official_fixture_reexported_matches_the_original_bytes(tmp_path):
     src = FIXTURES / "mplus-tiny"
     model, mem = MPlus.from_pretrained(src), MemoryState.from_pretrained(src)
     save_official(model, mem, tmp_path / "again")
-    original, again = load_file(str(src / "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+    original = load_file(str(src / "model.safetensors"))
+    again = load_file(str(tmp_path / "again" / "model.safetensors"))
     original = {k: v for k, v in original.items() if not k.startswith("ltm_recall")}
     again = {k: v for k, v in again.items() if not k.startswith("ltm_recall")}
     assert original.keys() == again.keys()

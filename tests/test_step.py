@@ -168,7 +168,8 @@ def test_long_term_rows_are_retrieved_with_the_scripted_prefix_of_the_target():
     assert abs(whole.item() - prefix.item()) > 1e-4
     # default: the official random prefix per layer, from the per-rank stream
     expected = random.Random("3:1")
-    assert Decisions(StepConfig(), seed=3, rank=1).ltm_query_lengths(10, L) == [expected.randint(1, 9) for _ in range(L)]
+    drawn = Decisions(StepConfig(), seed=3, rank=1).ltm_query_lengths(10, L)
+    assert drawn == [expected.randint(1, 9) for _ in range(L)]
     # a sample that names its question tokens retrieves with them (no draw)
     asked = Sample([torch.tensor([7, 8])], torch.tensor([9, 5, 6]), doc_id="asked", retrieval_query_tokens=1)
     step = stage3_step(ScriptedDecisions(full_context=[False], multi_chunk=[True], num_chunks=[1],
