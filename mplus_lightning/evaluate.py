@@ -1,14 +1,21 @@
 """Evaluate an M+ / MemoryLLM checkpoint (our export or an official release directory).
 
-    mplus-evaluate retention --model DIR --data data/squad [--out DIR] [key=value ...]
-    mplus-evaluate longbook  --model DIR --data data/infinitebench/longbook_qa_eng.jsonl
-    mplus-evaluate longbench --model DIR --data data/longbench [max_length=16384]
-    mplus-evaluate cost      --model DIR [lengths=[16384,32768]]
+    mplus-evaluate retention     --model DIR --data data/squad [--out DIR] [key=value ...]
+    mplus-evaluate recall        --model DIR --data data/squad            (the retriever's recall, paper Fig. 6)
+    mplus-evaluate longbook      --model DIR --data data/infinitebench/longbook_qa_eng.jsonl
+    mplus-evaluate longbench     --model DIR --data data/longbench [max_length=16384]
+    mplus-evaluate position-loss --model STAGE3 --data BUCKETS/val/32k-64k models=[STAGE1,STAGE2]
+    mplus-evaluate short-context --model DIR --data data/fineweb-edu-heldout
+    mplus-evaluate cost          --model DIR [lengths=[16384,32768]]
 
 (`python -m mplus_lightning.evaluate` is the same command.) Defaults come from experiments/eval_<task>.yaml (or
 --config FILE); flags and key=value overrides win. Results go to --out (default checkpoints/eval/<task>/<model
 name>): items.jsonl (one line per finished item; rerunning the same command resumes), results.json / cost.json, a
 table (.md), a plot (.png) and TensorBoard scalars.
+
+Every task but cost runs through Lightning's Trainer, one item per step: `devices=N` (and `num_nodes=M`), torchrun
+or SLURM's srun divide the items among the processes, each with its own copy of the model on its own GPU; rank 0
+gathers the outputs, which do not depend on the number of processes.
 """
 
 from __future__ import annotations
@@ -26,6 +33,9 @@ HELP = {
     "longbook": "LongBook QA (InfiniteBench En.QA) or a user-supplied LongBook Event-QA file",
     "longbench": "LongBench QA subsets (2wikimqa, hotpotqa, qasper, musique, multifieldqa_en, narrativeqa)",
     "cost": "peak memory and latency at 16k-128k input tokens",
+    "recall": "the retriever's recall of a retention context's long-term rows by distance (retention, diagnose on)",
+    "position-loss": "next-token loss by position in held-out long documents, for several checkpoints on one plot",
+    "short-context": "loss and perplexity on short inputs (<= 2,048 tokens): M+ against the backbone alone",
 }
 
 
@@ -82,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as e:   # DataFormatError and EvalInputError are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(result.get("table") or json.dumps(_brief(result), indent=2))
+    from lightning.fabric.utilities.rank_zero import rank_zero_only  # here: `--help` and errors stay light
+
+    if rank_zero_only.rank == 0:                      # every process of a multi-process run has the result
+        print(result.get("table") or json.dumps(_brief(result), indent=2))
     return 0
 
 
@@ -91,9 +104,15 @@ def run(task: str, cfg) -> dict:
     from .eval.runtime import check_model_dir
 
     check_model_dir(cfg.model)
-    if task == "retention":
+    if task in ("retention", "recall"):
         from .eval.retention import run_retention
-        return run_retention(cfg)
+        return run_retention(cfg, task=task)
+    if task == "position-loss":
+        from .eval.analyses import run_position_loss
+        return run_position_loss(cfg)
+    if task == "short-context":
+        from .eval.analyses import run_short_context
+        return run_short_context(cfg)
     if task == "longbook":
         from .eval.longqa import run_longbook
         return run_longbook(cfg)
@@ -106,8 +125,11 @@ def run(task: str, cfg) -> dict:
 
 def _brief(result: dict) -> dict:
     if result.get("task") == "retention":
-        return {"dataset": result["dataset"], "num_items": result["num_items"], "borderline": result["borderline"],
-                **{m: dict(zip(c["distances"], c["exact_hit"])) for m, c in result["modes"].items()}}
+        brief = {"dataset": result["dataset"], "num_items": result["num_items"], "borderline": result["borderline"],
+                 **{m: dict(zip(c["distances"], c["exact_hit"])) for m, c in result["modes"].items()}}
+        if result.get("recall"):
+            brief["recall"] = dict(zip(result["recall"]["distances"], result["recall"]["recall"]))
+        return brief
     return result
 
 

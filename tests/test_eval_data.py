@@ -6,15 +6,36 @@ import random
 
 import numpy as np
 import pytest
-from tests.test_eval_fixtures import (nq_dev_line, nq_train_line, squad_json, write_event_qa, write_jsonl,
-                                      write_longbench, write_longbook, write_squad)
 
+from mplus_lightning.data.eval_sets.longbench import (
+    MAX_NEW_TOKENS,
+    PROMPTS,
+    QA_SUBSETS,
+    build_long_input,
+    fill,
+    load_prompts,
+    read_longbench,
+    truncate,
+)
+from mplus_lightning.data.eval_sets.longbook import read_event_qa, read_longbook_qa
+from mplus_lightning.data.eval_sets.retention import (
+    build_distractors,
+    load_retention_set,
+    read_nq,
+    read_processed,
+    read_squad,
+)
 from mplus_lightning.data.files import DataFormatError
-from mplus_lightning.eval.data.longbench import (MAX_NEW_TOKENS, PROMPTS, QA_SUBSETS, build_long_input, fill,
-                                                 load_prompts, read_longbench, truncate)
-from mplus_lightning.eval.data.longbook import read_event_qa, read_longbook_qa
-from mplus_lightning.eval.data.retention import (build_distractors, load_retention_set, read_nq, read_processed,
-                                                 read_squad)
+from tests.test_eval_fixtures import (
+    nq_dev_line,
+    nq_train_line,
+    squad_json,
+    write_event_qa,
+    write_jsonl,
+    write_longbench,
+    write_longbook,
+    write_squad,
+)
 
 
 def words(text):  # a whitespace "tokenizer" with one id per word

@@ -6,13 +6,18 @@ import time
 import pytest
 import torch
 
+from mplus_lightning.data.eval_sets.longbench import build_long_input
 from mplus_lightning.eval import runtime
 from mplus_lightning.eval.cost import PeakMemory
-from mplus_lightning.eval.data.longbench import build_long_input
 from mplus_lightning.eval.metrics import longbench_score, qa_f1
 from mplus_lightning.evaluate import main
-from tests.test_eval_fixtures import make_env, write_event_qa, write_longbench, write_longbook
-from tests.test_eval_fixtures import one_thread_per_test  # noqa: F401  (autouse: one torch thread per test)
+from tests.test_eval_fixtures import (
+    make_env,
+    one_thread_per_test,  # noqa: F401  (autouse: one torch thread per test)
+    write_event_qa,
+    write_longbench,
+    write_longbook,
+)
 
 
 @pytest.fixture(scope="module")

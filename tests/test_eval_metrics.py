@@ -3,8 +3,16 @@
 import pytest
 import torch
 
-from mplus_lightning.eval.metrics import (ChoiceAccuracy, ExactHitAccuracy, QAF1Score, clean_target, exact_hit,
-                                          longbench_score, normalize_answer, qa_f1)
+from mplus_lightning.eval.metrics import (
+    ChoiceAccuracy,
+    ExactHitAccuracy,
+    QAF1Score,
+    clean_target,
+    exact_hit,
+    longbench_score,
+    normalize_answer,
+    qa_f1,
+)
 
 
 @pytest.mark.parametrize("text, expected", [

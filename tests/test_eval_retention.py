@@ -2,6 +2,7 @@
 
 import json
 import random
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,8 +14,12 @@ from mplus_lightning.eval import retention
 from mplus_lightning.eval.io import ResultStore
 from mplus_lightning.eval.metrics import exact_hit, qa_f1
 from mplus_lightning.evaluate import main
-from tests.test_eval_fixtures import make_env, squad_json, write_squad
-from tests.test_eval_fixtures import one_thread_per_test  # noqa: F401  (autouse: one torch thread per test)
+from tests.test_eval_fixtures import (
+    make_env,
+    one_thread_per_test,  # noqa: F401  (autouse: one torch thread per test)
+    squad_json,
+    write_squad,
+)
 
 TINY = ["--no-progress", "distances=[0,64,128]", "distractor_tokens=32", "distractor_min_tokens=32"]
 
@@ -98,8 +103,10 @@ def test_resume_after_interrupt_skips_finished_items(env, tmp_path, monkeypatch)
         real_add(self, rec)
 
     monkeypatch.setattr(ResultStore, "add", interrupted_add)
-    with pytest.raises(KeyboardInterrupt):
+    sigint = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit):                      # Lightning's graceful shutdown on Ctrl-C: exit status 1
         main(args(env, out))
+    signal.signal(signal.SIGINT, sigint)                 # which ignores further Ctrl-Cs: give pytest its handler back
     monkeypatch.setattr(ResultStore, "add", real_add)
     before = lines(out / "items.jsonl")
     assert len(before) == 4 and not (out / "results.json").exists()

@@ -4,9 +4,11 @@ import torch
 from transformers import LlamaForCausalLM
 
 from mplus_lightning.eval import runtime
-from mplus_lightning.eval.runtime import (Backbone, inject, item_generator, memory_view, start_memory)
-from tests.test_eval_fixtures import make_model
-from tests.test_eval_fixtures import one_thread_per_test  # noqa: F401  (autouse: one torch thread per test)
+from mplus_lightning.eval.runtime import Backbone, inject, item_generator, memory_view, start_memory
+from tests.test_eval_fixtures import (
+    make_model,
+    one_thread_per_test,  # noqa: F401  (autouse: one torch thread per test)
+)
 
 
 def ids(n, seed):

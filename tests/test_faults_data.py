@@ -19,11 +19,11 @@ import numpy as np
 import pytest
 import torch
 
+from mplus_lightning.data.eval_sets.retention import read_squad, resolve_layout
 from mplus_lightning.data.files import BadLines, DamagedFileError, DataFormatError, iter_jsonl, load_json
 from mplus_lightning.data.fineweb import FineWebDataModule, fallback_cache_root
 from mplus_lightning.data.slimpajama import BucketDocuments, build_buckets, main as slimpajama_main
 from mplus_lightning.data.tokenizer import load_tokenizer
-from mplus_lightning.eval.data.retention import read_squad, resolve_layout
 from mplus_lightning.eval.fingerprint import file_fingerprint
 from mplus_lightning.evaluate import main as evaluate_main
 from mplus_lightning.typed_config import ConfigError

@@ -18,7 +18,7 @@ from pathlib import Path
 
 PACKAGE = "mplus_lightning"
 ROOT = Path(__file__).resolve().parents[1] / PACKAGE
-ENTRY_POINTS = {"fit", "evaluate", "export", "demo"}
+ENTRY_POINTS = {"fit", "evaluate", "export", "demo", "gpu_check"}
 BASE = {"typed_config"}
 """Top-level modules below the data layer: they import nothing of the package."""
 """Top-level modules that are command lines (besides bench*); the rest of the top level is `support`."""
@@ -127,7 +127,8 @@ def test_the_graph_sees_the_imports_it_should():
     g = graph()
     assert f"{PACKAGE}.model.memory" in g[f"{PACKAGE}.model.mplus"]
     assert f"{PACKAGE}.model.formats" in g[f"{PACKAGE}.model.mplus"]          # `from . import formats`
-    assert f"{PACKAGE}.data.files" in g[f"{PACKAGE}.eval.data.retention"]     # three dots up, then down
+    assert f"{PACKAGE}.data.files" in g[f"{PACKAGE}.data.eval_sets.retention"]        # two dots up, then down
+    assert f"{PACKAGE}.typed_config" in g[f"{PACKAGE}.data.eval_sets.datamodules"]    # three dots up
     assert g[PACKAGE] == {f"{PACKAGE}.model"}
     assert {group(m) for m in g} == {"base", "model", "data", "support", "eval", "stages", "entry"}
 
@@ -139,7 +140,8 @@ def test_every_import_of_the_package_names_an_existing_module():
 
 def test_layers_import_only_downwards():
     upward = upward_imports(graph())
-    assert not upward, "imports against the layers (base < model < data < support < eval|stages < entry):\n" + "\n".join(
+    layers = "base < model < data < support < eval|stages < entry"
+    assert not upward, f"imports against the layers ({layers}):\n" + "\n".join(
         upward)
 
 

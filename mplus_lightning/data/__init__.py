@@ -9,8 +9,10 @@
   `SlimPajamaDataModule`.
 * `mixture`: `MixtureDataModule` (stages 2/3: fine-web + buckets by ratio).
 * `facts`: `FactsDataModule` (the CPU demo's generated facts about people).
-* `files`: reading text/JSON/JSON Lines inputs with errors naming file and line (shared with the evaluation readers,
-  which live in `mplus_lightning.eval.data`).
+* `files`: reading text/JSON/JSON Lines inputs with errors naming file and line (shared with the evaluation readers).
+* `eval_sets`: the evaluation data: readers of the retention, LongBook, LongBench and held-out text files, and
+  `RetentionDataModule`, `LongBookDataModule`, `LongBenchDataModule`, `TextDataModule` (items held and sharded by
+  Hugging Face `datasets`; run by `python -m mplus_lightning.evaluate`).
 
 `data.kind` in a run config names one of these DataModules: the registry is `mplus_lightning.config.DATAMODULES`;
 each DataModule declares the typed schema of its `data.params` as `params_schema`.
@@ -35,6 +37,8 @@ _EXPORTS = {
     "BUCKETS": "slimpajama", "SlimPajamaDataModule": "slimpajama", "build_buckets": "slimpajama",
     "MixtureDataModule": "mixture", "STAGE2_RATIOS": "mixture", "STAGE3_RATIOS": "mixture",
     "FactsDataModule": "facts",
+    "RetentionDataModule": "eval_sets.datamodules", "LongBookDataModule": "eval_sets.datamodules",
+    "LongBenchDataModule": "eval_sets.datamodules", "TextDataModule": "eval_sets.datamodules",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,6 +1,6 @@
 """Reading input files: text (plain, .gz, .zst), JSON and JSON Lines, with errors that name the file and line.
 
-Shared by the training streams (data/) and the evaluation readers (eval/data/): every malformed input raises
+Shared by the training streams (data/) and the evaluation readers (data/eval_sets/): every malformed input raises
 `DataFormatError`, and a stream may instead skip bad lines and count them (`on_bad_line="skip"`, `BadLines`).
 
 A compressed file must be complete: one cut short (an interrupted download or copy) or with corrupt data raises

@@ -1,7 +1,10 @@
-"""Evaluation of M+ / MemoryLLM checkpoints: knowledge retention, LongBook QA, LongBench, and cost.
+"""Evaluation of M+ / MemoryLLM checkpoints: knowledge retention and the retriever's recall, LongBook QA, LongBench,
+loss by position and on short inputs, and cost.
 
-Entry point: `python -m mplus_lightning.evaluate {retention,longbook,longbench,cost} --model DIR ...`.
-Modules: `data` (the readers of the retention, LongBook and LongBench sets), `metrics` (QA-F1, exact hit;
-torchmetrics), `config` (the dataclass schema of every task), `runtime` (loading, memory modes, the plain-window
-backbone), `retention`, `longqa`, `cost` (the runners), `diagnose` (retention diagnostics), `plots`, `io` (results).
+Entry point: `python -m mplus_lightning.evaluate {retention,recall,longbook,longbench,position-loss,short-context,cost}
+--model DIR ...`. Modules: `workload` (the Trainer-driven run: one item per `predict_step`, sharded over ranks, rank 0
+gathering), `metrics` (QA-F1, exact hit; torchmetrics), `config` (the dataclass schema of every task), `runtime`
+(loading, memory modes, the plain-window backbone, the output directory), `retention`, `longqa`, `analyses`
+(position-loss, short-context) and `cost` (the runners), `diagnose` (retention diagnostics and recall), `plots`,
+`io` (results). The data readers and DataModules are in `mplus_lightning.data.eval_sets`.
 """

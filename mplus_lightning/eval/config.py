@@ -1,4 +1,4 @@
-"""Typed configuration of the four evaluations (OmegaConf structured dataclasses).
+"""Typed configuration of the evaluations (OmegaConf structured dataclasses).
 
 Precedence: the dataclass defaults <- `experiments/eval_<task>.yaml` (or `--config FILE`) <- the command-line flags
 (`--model`, `--data`, ...) <- `key=value` overrides. Unknown keys and ill-typed values are errors that name the key
@@ -45,7 +45,18 @@ class CommonConfig:
 
 
 @dataclass
-class RetentionConfig(CommonConfig):
+class ShardedConfig(CommonConfig):
+    devices: Optional[int] = None
+    """Processes per node, each evaluating its share of the items with its own model and memories (one GPU each);
+    None: as many as the launcher started (torchrun --nproc_per_node, SLURM tasks per node), else 1. Without a
+    launcher, devices=N makes Lightning start the N processes."""
+    num_nodes: Optional[int] = None
+    """Nodes, each running `devices` processes; None: as the launcher says (torchrun --nnodes, SLURM_NNODES), else
+    1."""
+
+
+@dataclass
+class RetentionConfig(ShardedConfig):
     dataset: str = "auto"
     """squad | nq | processed | auto (detected from the files under `data`)."""
     index: Optional[str] = "auto"
@@ -78,11 +89,24 @@ class RetentionConfig(CommonConfig):
     """Also ask every question without its context (the no-context 'borderline' accuracy)."""
     diagnose: bool = False
     """M+ mode: also record, per scoring point, where the context's rows are (short-term pool / long-term memory),
-    the share of them each layer retrieved, and the score with an oracle retrieval (eval/diagnose.py)."""
+    the share of them each layer retrieved, and the score with an oracle retrieval (eval/diagnose.py); the
+    retriever's recall of them is plotted in recall.png."""
 
 
 @dataclass
-class LongContextConfig(CommonConfig):
+class RecallConfig(RetentionConfig):
+    """The retriever's recall (paper Fig. 6): the retention run with `diagnose` on, M+ mode only, no borderline."""
+
+    modes: list[str] = field(default_factory=lambda: ["mplus"])
+    """mplus (the recall is M+'s; memoryllm adds nothing to it)."""
+    borderline: bool = False
+    """Also ask every question without its context (not needed for the recall)."""
+    diagnose: bool = True
+    """Always on here: the recall comes from the diagnostics."""
+
+
+@dataclass
+class LongContextConfig(ShardedConfig):
     methods: list[str] = field(default_factory=lambda: ["mplus", "window"])
     """mplus, memoryllm (long-term memory off) and window (the backbone alone, LoRA off, on the last tokens)."""
     window_tokens: int = 2048
@@ -103,7 +127,7 @@ class LongContextConfig(CommonConfig):
 @dataclass
 class LongBookConfig(LongContextConfig):
     task: str = "qa"
-    """qa (longbook_qa_eng.jsonl) or event_qa (a user-supplied Event-QA file, see eval/data/longbook.py)."""
+    """qa (longbook_qa_eng.jsonl) or event_qa (a user-supplied Event-QA file, see data/eval_sets/longbook.py)."""
     max_length: Optional[int] = None
     """Truncate the prompt to this many tokens; None = the whole book goes through memory."""
     baseline_max_length: int = 16_384
@@ -149,15 +173,55 @@ class CostConfig(CommonConfig):
     """Timed repetitions per point (the minimum is reported)."""
     warmup: bool = True
     """One short untimed run of each method first (kernel selection, allocator warm-up)."""
+    placements: list[str] = field(default_factory=lambda: ["device"])
+    """Where M+'s long-term memory lives, one measurement each: device (rows and keys with the model),
+    rows_on_host (rows in host memory, keys on the device: a read copies only its K0 rows per layer), all_on_host
+    (rows and keys in host memory, as officially: a read also copies every key). Other methods: device only."""
+
+
+@dataclass
+class TextLossConfig(ShardedConfig):
+    text_field: str = "text"
+    """The field (JSON Lines) or column (parquet) holding each document's text."""
+    num_documents: Optional[int] = 1000
+    """The first n documents of `data` (the paper: 1,000)."""
+
+
+@dataclass
+class PositionLossConfig(TextLossConfig):
+    models: list[str] = field(default_factory=list)
+    """More checkpoints evaluated on the same documents and drawn on the same plot as `model` (e.g. the exports of
+    stages 1 and 2 beside stage 3's)."""
+    labels: list[str] = field(default_factory=list)
+    """Plot labels of `model` then `models`; default: their directory paths, shortened to the last components
+    that tell them apart."""
+    chunk_tokens: int = 512
+    """Each document goes through memory in chunks of this many tokens; a chunk is scored against the memory before
+    it is written."""
+    max_tokens: Optional[int] = 65_536
+    """Documents are cut to their first this-many tokens."""
+    bucket_tokens: int = 2048
+    """Losses are averaged over buckets of this many token positions."""
+
+
+@dataclass
+class ShortContextConfig(TextLossConfig):
+    methods: list[str] = field(default_factory=lambda: ["mplus", "backbone"])
+    """mplus (reads with its memory, the checkpoint's), memoryllm (the same without the long-term memory) and
+    backbone (the Llama alone: no memory, LoRA off, BOS first)."""
+    max_tokens: int = 2048
+    """Inputs are the first this-many tokens of each document (the paper: 2,048)."""
 
 
 TASKS: dict[str, type] = {"retention": RetentionConfig, "longbook": LongBookConfig, "longbench": LongBenchConfig,
-                          "cost": CostConfig}
+                          "cost": CostConfig, "recall": RecallConfig, "position-loss": PositionLossConfig,
+                          "short-context": ShortContextConfig}
 
 
 def default_yaml(task: str) -> Path:
-    """experiments/eval_<task>.yaml of the working directory if there is one, else of this checkout."""
-    name = Path("experiments") / f"eval_{task}.yaml"
+    """experiments/eval_<task>.yaml (hyphens as underscores) of the working directory if there is one, else of this
+    checkout."""
+    name = Path("experiments") / f"eval_{task.replace('-', '_')}.yaml"
     return name.resolve() if name.is_file() else REPO_ROOT / name
 
 

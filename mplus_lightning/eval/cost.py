@@ -9,7 +9,11 @@ depend on content), seeded. MemoryLLM mode empties the long-term memory after ev
 Peak memory: on CUDA `torch.cuda.max_memory_allocated` over the call (absolute, weights included, as Table 1); on
 CPU the process's resident set size sampled every few ms by a background thread (psutil; without psutil, the
 process-lifetime `ru_maxrss`), reported as the peak and as the increase over the level before the call. The
-analytic sizes of the short-term pool and the long-term store after the call are reported beside them.
+analytic sizes of the short-term pool and the long-term store after the call are reported beside them, and how much
+of the store is on the GPU.
+
+`placements`: M+ is measured once per placement of its long-term memory (`LTM_PLACEMENTS`: on the device, rows on
+the host, rows and keys on the host), the paper keeping it on the CPU; MemoryLLM mode and the backbone have none.
 Outputs: items.jsonl (resumable), cost.json, cost.md, cost.png, tensorboard/.
 """
 
@@ -25,11 +29,24 @@ import time
 import torch
 from tqdm.auto import tqdm
 
+from ..model.memory import LTM_PLACEMENTS
 from . import plots
 from .config import CostConfig
 from .io import write_json
-from .runtime import (MODES, Backbone, EvalInputError, RunDir, default_out, inject, item_generator,
-                      load_checkpoint, memory_view, resolve_device, resolve_dtype, start_memory)
+from .runtime import (
+    MODES,
+    Backbone,
+    EvalInputError,
+    RunDir,
+    default_out,
+    inject,
+    item_generator,
+    load_checkpoint,
+    memory_view,
+    resolve_device,
+    resolve_dtype,
+    start_memory,
+)
 
 METHODS = (*MODES, "window")
 
@@ -111,6 +128,10 @@ def run_cost(cfg: CostConfig, *, model=None, memory=None) -> dict:
     bad = [m for m in cfg.methods if m not in METHODS]
     if bad or not cfg.methods:
         raise EvalInputError(f"methods must be a non-empty subset of {list(METHODS)}, got {list(cfg.methods)}")
+    placements = list(dict.fromkeys(cfg.placements))
+    if not placements or any(p not in LTM_PLACEMENTS for p in placements):
+        raise EvalInputError(f"placements must be a non-empty subset of {list(LTM_PLACEMENTS)}, got "
+                             f"{list(cfg.placements)}")
     lengths = sorted({int(n) for n in cfg.lengths})
     if not lengths or lengths[0] <= cfg.window_tokens:
         raise EvalInputError(f"every length must exceed window_tokens={cfg.window_tokens}, got {cfg.lengths}")
@@ -123,7 +144,7 @@ def run_cost(cfg: CostConfig, *, model=None, memory=None) -> dict:
         methods = [m for m in methods if m != "mplus"]
     fp = dict(model=str(cfg.model), window_tokens=cfg.window_tokens, chunk_tokens=cfg.chunk_tokens,
               seed=cfg.seed, dtype=str(model.dtype), device=str(device))
-    run = RunDir(cfg.out or default_out("cost", cfg.model), "cost", cfg, fp, ("method", "length"),
+    run = RunDir(cfg.out or default_out("cost", cfg.model), "cost", cfg, fp, ("method", "placement", "length"),
                  overwrite=cfg.overwrite)
     cfgm = model.config
     vocab = int(cfgm.llama["vocab_size"])
@@ -140,7 +161,7 @@ def run_cost(cfg: CostConfig, *, model=None, memory=None) -> dict:
         if method == "window":
             backbone.last_logits(ids[: n - 1])
             return {"injections": 0}
-        mem = start_memory(memory, method)
+        mem = start_memory(memory, method)        # a copy keeps the base memory's placement
         rest, window = ids[: n - cfg.window_tokens], ids[n - cfg.window_tokens: n - 1]
         gen = item_generator(cfg.seed, "cost", method, n)
         count = 0
@@ -152,15 +173,27 @@ def run_cost(cfg: CostConfig, *, model=None, memory=None) -> dict:
         L, N, d = mem.rows.shape
         ltm_rows = mem.ltm.size if (mem.ltm is not None and method == "mplus") else 0
         s_dim = mem.ltm.key_size if mem.ltm is not None else 0
+        on_device = 0   # widths of what is on the device, per row: rows unless on the host, keys likewise
+        if mem.ltm is not None:
+            on_device = (0 if mem.ltm.rows_on_host else d) + (0 if mem.ltm.keys_on_host else s_dim)
         return {"injections": count, "ltm_rows_per_layer": ltm_rows,
                 "stm_mb": L * N * d * bytes_per / 2 ** 20,
-                "ltm_mb": L * ltm_rows * ((d + s_dim) * bytes_per + 8) / 2 ** 20}
+                "ltm_mb": L * ltm_rows * ((d + s_dim) * bytes_per + 8) / 2 ** 20,
+                "ltm_on_device_mb": L * ltm_rows * (on_device * bytes_per + 8) / 2 ** 20}
 
+    def place(placement: str) -> None:
+        rows, keys = LTM_PLACEMENTS[placement]
+        if memory is not None:
+            memory.place(device, ltm_rows=rows, ltm_keys=keys)
+
+    variants = [(m, p) for m in methods for p in (placements if m == "mplus" else ["device"])]
     if cfg.warmup:
-        for m in methods:
+        for m, p in variants:
+            place(p)
             once(m, min(lengths[0], cfg.window_tokens + cfg.chunk_tokens + 1))
-    todo = [(n, m) for n in lengths for m in methods if (m, n) not in run.store]
-    for n, m in tqdm(todo, desc="cost", unit="run", disable=not cfg.progress):
+    todo = [(n, m, p) for n in lengths for m, p in variants if (m, p, n) not in run.store]
+    for n, m, p in tqdm(todo, desc="cost", unit="run", disable=not cfg.progress):
+        place(p)
         best = None
         for _ in range(max(1, cfg.repeats)):
             with PeakMemory(device) as pm:
@@ -173,22 +206,26 @@ def run_cost(cfg: CostConfig, *, model=None, memory=None) -> dict:
                 best = {"latency_s": dt, **extra}
             best["peak_mb"] = max(best.get("peak_mb", 0.0), pm.peak_mb)
             best["delta_mb"] = max(best.get("delta_mb", 0.0), pm.delta_mb)
-        run.store.add({"method": m, "length": n, "memory_metric": pm.metric, "device": str(device), **best})
-    rows = [run.store.get((m, n)) for n in lengths for m in methods if (m, n) in run.store]
+        run.store.add({"method": m, "placement": p, "length": n, "memory_metric": pm.metric, "device": str(device),
+                       **best})
+    place("device")
+    rows = [run.store.get((m, p, n)) for n in lengths for m, p in variants if (m, p, n) in run.store]
     for r in rows:
         r["plot_mb"] = r["peak_mb"] if device.type == "cuda" else r["delta_mb"]
-    table = ["| method | length | latency (s) | peak (MB) | increase (MB) | STM (MB) | LTM rows/layer | LTM (MB) |",
-             "|---|---|---|---|---|---|---|---|"]
+    table = ["| method | length | latency (s) | peak (MB) | increase (MB) | STM (MB) | LTM rows/layer | LTM (MB) | "
+             "LTM placement | LTM on device (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         table.append(f"| {r['method']} | {r['length']} | {r['latency_s']:.3f} | {r['peak_mb']:.1f} | "
                      f"{r['delta_mb']:.1f} | {r.get('stm_mb', 0):.1f} | {r.get('ltm_rows_per_layer', 0)} | "
-                     f"{r.get('ltm_mb', 0):.1f} |")
+                     f"{r.get('ltm_mb', 0):.1f} | {r['placement'] if r['method'] == 'mplus' else '-'} | "
+                     f"{r.get('ltm_on_device_mb', 0):.1f} |")
     summary = {"task": "cost", "model": str(cfg.model), "device": str(device), "dtype": str(model.dtype),
                "memory_metric": rows[0]["memory_metric"] if rows else None, "rows": rows,
                "table": f"cost on {device} ({rows[0]['memory_metric'] if rows else ''})\n\n" + "\n".join(table)}
     write_json(run.file("cost.json"), summary)
     run.file("cost.md").write_text(summary["table"] + "\n")
-    plots.cost_plot([{**r, "peak_mb": r["plot_mb"],
+    plots.cost_plot([{**r, "peak_mb": r["plot_mb"], "method": _series(r),
                       "memory_metric": r["memory_metric"] if device.type == "cuda" else "increase over baseline RSS"}
                      for r in rows], run.file("cost.png"), str(device))
     if cfg.tensorboard:
@@ -197,7 +234,12 @@ def run_cost(cfg: CostConfig, *, model=None, memory=None) -> dict:
         shutil.rmtree(tb, ignore_errors=True)
         writer = SummaryWriter(log_dir=str(tb))
         for r in rows:
-            writer.add_scalar(f"cost/{r['method']}/latency_s", r["latency_s"], global_step=r["length"])
-            writer.add_scalar(f"cost/{r['method']}/peak_mb", r["plot_mb"], global_step=r["length"])
+            writer.add_scalar(f"cost/{_series(r)}/latency_s", r["latency_s"], global_step=r["length"])
+            writer.add_scalar(f"cost/{_series(r)}/peak_mb", r["plot_mb"], global_step=r["length"])
         writer.close()
     return summary
+
+
+def _series(row: dict) -> str:
+    """A row's series in plots and TensorBoard: the method, with M+'s placement when it is not the default."""
+    return row["method"] if row.get("placement", "device") == "device" else f"{row['method']}_{row['placement']}"

@@ -81,8 +81,10 @@ def diagnose_point(model, memory: MemoryState, context_rows: torch.Tensor, q_ids
         for l in range(memory.num_layers):
             retrieved[l] = int(torch.isin(picked[l, 0], in_ltm[l].to(picked.device)).sum())
     oracle = score(generate_ids(model, with_oracle_retrieval(memory, in_ltm), q_ids, max_new_tokens))
+    ltm_rows = [int(memory.ltm.view(l)[0].shape[0]) if memory.ltm is not None else 0
+                for l in range(memory.num_layers)]
     return {"rows_in_stm": [n / R for n in in_stm], "rows_in_ltm": [len(i) / R for i in in_ltm],
-            "rows_retrieved": [n / R for n in retrieved],
+            "rows_retrieved": [n / R for n in retrieved], "ltm_rows": ltm_rows,
             "oracle_exact_hit": oracle["exact_hit"], "oracle_qa_f1": oracle["qa_f1"]}
 
 
@@ -104,4 +106,30 @@ def summarize_diagnostics(points: list[list[dict]]) -> dict | None:
             else:
                 per_distance.append(sum(values) / n)
         out[key] = per_distance
+    return out
+
+
+def summarize_recall(points: list[list[dict]], rows: int, read_rows: int) -> dict | None:
+    """The retriever's recall of a context's rows (paper Fig. 6), per distance, from the diagnostics of
+    [item][distance] points (None if they carry none): `recall`, the share of the context's long-term rows that
+    the retrieval picked (pooled over items and layers; None where none were in the long-term memory), also per
+    layer; `retrieved` and `in_ltm`, the mean number of those rows per item and layer (the context wrote `rows` per
+    layer); and `random_recall`, what picking `read_rows` long-term rows at random would get (K0 / rows stored)."""
+    if not points or "rows_retrieved" not in points[0][0]:
+        return None
+    out: dict = {"rows": rows, "read_rows": read_rows, "recall": [], "recall_per_layer": [], "retrieved": [],
+                 "in_ltm": [], "random_recall": []}
+    for j in range(len(points[0])):
+        at = [p[j] for p in points]
+        layers = range(len(at[0]["rows_in_ltm"]))
+        in_ltm = [sum(p["rows_in_ltm"][l] * rows for p in at) for l in layers]
+        got = [sum(p["rows_retrieved"][l] * rows for p in at) for l in layers]
+        out["recall_per_layer"].append([g / t if t else None for g, t in zip(got, in_ltm)])
+        out["recall"].append(sum(got) / sum(in_ltm) if sum(in_ltm) else None)
+        cells = len(at) * len(layers)
+        out["retrieved"].append(sum(got) / cells)
+        out["in_ltm"].append(sum(in_ltm) / cells)
+        stored = [m for p in at for m in p.get("ltm_rows", [])]
+        out["random_recall"].append(sum(min(read_rows, m) / m for m in stored if m) / len(stored)
+                                    if stored and all(stored) else None)
     return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,10 +69,24 @@ class ResultStore:
         return self.records.get(key)
 
     def add(self, record: dict) -> None:
+        self.extend([record])
+
+    def extend(self, records: list[dict]) -> None:
+        """Append records (one flush for all of them)."""
+        if not records:
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        line = json.dumps(record, ensure_ascii=False)
         with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line + "\n")
+            f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
             f.flush()
             os.fsync(f.fileno())
-        self.records[self.key(record)] = record
+        for r in records:
+            self.records[self.key(r)] = r
+
+    def sort(self, order: Callable[[dict], Any]) -> None:
+        """Rewrite the file (atomically) with its records ordered by `order(record)` (a stable sort)."""
+        records = sorted(self.records.values(), key=order)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        os.replace(tmp, self.path)
+        self.records = {self.key(r): r for r in records}

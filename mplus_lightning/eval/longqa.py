@@ -10,31 +10,53 @@ on the last `baseline_max_length - max_new_tokens` tokens of the same prompt, BO
 
 Scores: LongBench per subset = 100 x mean QA-F1 rounded to 2 decimals, Avg = mean of the subsets (paper Tables 2-3);
 LongBook QA = mean QA-F1 on 0-1 (paper Fig. 2); Event-QA = accuracy.
-Outputs: items.jsonl (resumable), results.json, results.md (the table), tensorboard/.
+Items come from `LongBookDataModule` / `LongBenchDataModule` and run through the Trainer (`LongQAEvaluation`,
+workload.py), sharded over ranks. Outputs: items.jsonl (resumable), results.json, results.md (the table),
+tensorboard/.
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
-from .data.longbench import build_long_input, load_prompts, longbench_files, read_longbench, truncate
-from .data.longbook import EVENT_TEMPLATE, LETTERS, QA_TEMPLATE, longbook_file, read_event_qa, read_longbook_qa
+from ..data.eval_sets.datamodules import EvalDataModule, LongBenchDataModule, LongBookDataModule
+from ..data.eval_sets.longbench import build_long_input, truncate
+from ..data.eval_sets.longbook import LETTERS
 from .config import LongBenchConfig, LongBookConfig, LongContextConfig
-from .io import write_json
+from .io import ResultStore, write_json
 from .metrics import longbench_score, qa_f1
-from .runtime import (MODES, Backbone, EvalInputError, RunDir, decode, default_out, encode, generate_ids, inject,
-                      item_generator, load_checkpoint, load_eval_tokenizer, memory_view, resolve_device, resolve_dtype,
-                      start_memory)
+from .runtime import (
+    MODES,
+    Backbone,
+    EvalInputError,
+    RunDir,
+    decode,
+    default_out,
+    encode,
+    generate_ids,
+    inject,
+    item_generator,
+    load_eval_tokenizer,
+    load_model_config,
+    memory_view,
+    resolve_device,
+    resolve_dtype,
+    start_memory,
+)
+from .workload import EvalModule, run_workload
 
 METHODS = (*MODES, "window")
 
 
 @dataclass
 class Work:
+    """One item as its step sees it (a row of the DataModule)."""
+
     subset: str
     id: str
     prompt: str
@@ -43,82 +65,88 @@ class Work:
     options: list[str] | None = None      # event QA
     answer_index: int | None = None       # event QA
 
+    @classmethod
+    def from_row(cls, row: dict) -> Work:
+        options = list(row["options"]) or None
+        return cls(row["subset"], row["id"], row["prompt"], list(row["answers"]), row["max_new_tokens"], options,
+                   row["answer_index"] if options else None)
 
-def _setup(cfg: LongContextConfig, model, memory, tokenizer):
+
+def _check_methods(cfg: LongContextConfig) -> None:
     bad = [m for m in cfg.methods if m not in METHODS]
     if bad or not cfg.methods:
         raise EvalInputError(f"methods must be a non-empty subset of {list(METHODS)}, got {list(cfg.methods)}")
-    if model is None:
-        device = resolve_device(cfg.device)
-        model, memory = load_checkpoint(cfg.model, device, resolve_dtype(cfg.dtype, device))
-    if tokenizer is None:
-        tokenizer = load_eval_tokenizer(cfg, model)
-    methods = list(dict.fromkeys(cfg.methods))
-    if not model.config.has_ltm and "mplus" in methods:
-        methods = [m for m in methods if m != "mplus"] or ["memoryllm"]
-    return model, memory, tokenizer, methods
 
 
 def run_longbench(cfg: LongBenchConfig, *, model=None, memory=None, tokenizer=None) -> dict:
     if not cfg.data:
         raise EvalInputError("longbench needs --data: the directory of LongBench's {subset}.jsonl files")
-    data = read_longbench(cfg.data, cfg.subsets)
-    prompts = load_prompts(cfg.prompts)
-    missing = [s for s in data if s not in prompts or s not in cfg.max_new_tokens]
-    if missing:
-        raise EvalInputError(f"no prompt template / max_new_tokens for subset(s) {missing} (set prompts=FILE and "
-                             "max_new_tokens.<subset>=N)")
-    work = []
-    for subset, items in data.items():
-        for it in items[: cfg.limit] if cfg.limit is not None else items:
-            work.append(Work(subset, it.id, it.prompt(prompts[subset]), it.answers, cfg.max_new_tokens[subset]))
+    _check_methods(cfg)
+    data = LongBenchDataModule(cfg.data, subsets=cfg.subsets, prompts=cfg.prompts,
+                               max_new_tokens=dict(cfg.max_new_tokens), limit=cfg.limit)
     baseline = cfg.baseline_max_length or cfg.max_length
-    fp = dict(data=str(cfg.data), prompts={s: prompts[s] for s in data}, max_length=cfg.max_length,
+    fp = dict(data=str(cfg.data), prompts={s: data.prompts[s] for s in data.data}, max_length=cfg.max_length,
               baseline_max_length=baseline, max_new_tokens=dict(cfg.max_new_tokens))
-    return _run(cfg, "longbench", work, fp, cfg.max_length, baseline, model, memory, tokenizer,
-                data_files=longbench_files(cfg.data, list(data)))
+    return _run(cfg, "longbench", data, fp, cfg.max_length, baseline, model, memory, tokenizer)
 
 
 def run_longbook(cfg: LongBookConfig, *, model=None, memory=None, tokenizer=None) -> dict:
     if not cfg.data:
         raise EvalInputError("longbook needs --data: longbook_qa_eng.jsonl (or the Event-QA JSONL with task=event_qa)")
-    if cfg.task == "qa":
-        template = cfg.template or QA_TEMPLATE
-        items = read_longbook_qa(cfg.data)
-        items = items[: cfg.limit] if cfg.limit is not None else items
-        work = [Work("longbook_qa", it.id, it.prompt(template), it.answers, cfg.max_new_tokens) for it in items]
-    elif cfg.task == "event_qa":
-        if cfg.event_scoring not in ("letter", "loglik"):
-            raise EvalInputError(f"event_scoring must be letter or loglik, got {cfg.event_scoring!r}")
-        template = cfg.template or EVENT_TEMPLATE
-        items = read_event_qa(cfg.data)
-        items = items[: cfg.limit] if cfg.limit is not None else items
-        work = [Work("longbook_event_qa", it.id, it.prompt(template), [it.options[it.answer]], 0, it.options,
-                     it.answer) for it in items]
-    else:
-        raise EvalInputError(f"longbook task must be qa or event_qa, got {cfg.task!r}")
-    fp = dict(data=str(cfg.data), task=cfg.task, template=template, max_length=cfg.max_length,
+    _check_methods(cfg)
+    if cfg.task == "event_qa" and cfg.event_scoring not in ("letter", "loglik"):
+        raise EvalInputError(f"event_scoring must be letter or loglik, got {cfg.event_scoring!r}")
+    data = LongBookDataModule(cfg.data, task=cfg.task, template=cfg.template, max_new_tokens=cfg.max_new_tokens,
+                              limit=cfg.limit)
+    fp = dict(data=str(cfg.data), task=cfg.task, template=data.template, max_length=cfg.max_length,
               baseline_max_length=cfg.baseline_max_length, max_new_tokens=cfg.max_new_tokens,
               event_scoring=cfg.event_scoring)
-    return _run(cfg, "longbook", work, fp, cfg.max_length, cfg.baseline_max_length, model, memory, tokenizer,
-                data_files={"data": longbook_file(cfg.data, cfg.task)})
+    return _run(cfg, "longbook", data, fp, cfg.max_length, cfg.baseline_max_length, model, memory, tokenizer)
 
 
-def _run(cfg: LongContextConfig, task: str, work: list[Work], fp: dict, max_length, baseline_max_length,
-         model, memory, tokenizer, data_files: dict) -> dict:
-    model, memory, tok, methods = _setup(cfg, model, memory, tokenizer)
+def _run(cfg: LongContextConfig, task: str, data: EvalDataModule, fp: dict, max_length, baseline_max_length,
+         model, memory, tokenizer) -> dict:
+    config = model.config if model is not None else load_model_config(cfg.model)
+    device = model.device if model is not None else resolve_device(cfg.device)
+    dtype = model.dtype if model is not None else resolve_dtype(cfg.dtype, device)
+    if tokenizer is None:
+        tokenizer = load_eval_tokenizer(cfg, config)
+    data.setup()
+    methods = list(dict.fromkeys(cfg.methods))
+    if not config.has_ltm and "mplus" in methods:
+        methods = [m for m in methods if m != "mplus"] or ["memoryllm"]
     fp.update(model=str(cfg.model), tokenizer=str(cfg.tokenizer or cfg.model), window_tokens=cfg.window_tokens,
               chunk_tokens=cfg.chunk_tokens, min_chunk_tokens=cfg.min_chunk_tokens, truncation=cfg.truncation,
-              truncate_at_newline=cfg.truncate_at_newline, seed=cfg.seed, dtype=str(model.dtype))
+              truncate_at_newline=cfg.truncate_at_newline, seed=cfg.seed, dtype=str(dtype))
     run = RunDir(cfg.out or default_out(task, cfg.model), task, cfg, fp, ("method", "subset", "id"),
-                 overwrite=cfg.overwrite, data_files=data_files)
-    store = run.store
-    backbone = Backbone(model, cfg.prefill_block)
-    bos = model.llama.config.bos_token_id
-    todo = [(w, [m for m in methods if (m, w.subset, w.id) not in store]) for w in work]
-    todo = [(w, ms) for w, ms in todo if ms]
-    bar = tqdm(total=sum(len(ms) for _, ms in todo), desc=task, unit="answer", disable=not cfg.progress)
-    for w, ms in todo:
+                 overwrite=cfg.overwrite, data_files=data.files(), create=False)
+    module = LongQAEvaluation(cfg, run, task=task, methods=methods, max_length=max_length,
+                              baseline_max_length=baseline_max_length, model=model, memory=memory,
+                              tokenizer=tokenizer)
+    return run_workload(cfg, module, data, device)
+
+
+class LongQAEvaluation(EvalModule):
+    """Per item: the memory methods from one injection stream of the prompt's older part, then the window
+    baseline; one record per method."""
+
+    key_columns = ("subset", "id")
+
+    def __init__(self, cfg: LongContextConfig, run: RunDir, *, task: str, methods: list[str], max_length,
+                 baseline_max_length, **loaded):
+        super().__init__(cfg, run, **loaded)
+        self.task, self.methods = task, methods
+        self.max_length, self.baseline_max_length = max_length, baseline_max_length
+
+    def todo(self, key: tuple, done: ResultStore) -> list[str]:
+        return [m for m in self.methods if (m, *key) not in done]
+
+    def on_predict_start(self) -> None:
+        self.backbone = Backbone(self.model, self.cfg.prefill_block)
+
+    def evaluate(self, row: dict, ms: list[str]) -> Iterator[dict]:
+        cfg, tok, model, w = self.cfg, self.loaded.tokenizer, self.model, Work.from_row(row)
+        bos = model.llama.config.bos_token_id
         ids = [t for t in encode(tok, w.prompt) if t != bos]
         if not ids:
             raise EvalInputError(f"{w.subset} item {w.id}: the prompt is empty after tokenization")
@@ -126,10 +154,10 @@ def _run(cfg: LongContextConfig, task: str, work: list[Work], fp: dict, max_leng
         mem_modes = [m for m in ms if m in MODES]
         if mem_modes:
             li = build_long_input(ids, gen_tokens=gen_len, window_tokens=cfg.window_tokens,
-                                  chunk_tokens=cfg.chunk_tokens, max_length=max_length, truncation=cfg.truncation,
-                                  min_chunk_tokens=cfg.min_chunk_tokens, bos_token_id=bos)
-            gen = item_generator(cfg.seed, task, w.subset, w.id)
-            mem = start_memory(memory, "mplus")
+                                  chunk_tokens=cfg.chunk_tokens, max_length=self.max_length,
+                                  truncation=cfg.truncation, min_chunk_tokens=cfg.min_chunk_tokens, bos_token_id=bos)
+            gen = item_generator(cfg.seed, self.task, w.subset, w.id)
+            mem = start_memory(self.memory, "mplus")
             for chunk in tqdm(li.chunks, desc="inject", unit="chunk", leave=False, disable=not cfg.progress):
                 inject(model, mem, chunk, gen)
             for m in mem_modes:
@@ -140,24 +168,30 @@ def _run(cfg: LongContextConfig, task: str, work: list[Work], fp: dict, max_leng
                               seq_logits=lambda seqs, v=view: [model.read(v, _t(model, s))[0] for s in seqs])
                 rec.update(chunks=len(li.chunks), memory_tokens=li.memory_tokens, window_tokens=len(li.window),
                            truncated=li.truncated)
-                store.add({"method": m, "subset": w.subset, "id": w.id, **rec})
-                bar.update(1)
+                yield {"method": m, "subset": w.subset, "id": w.id, **rec}
         if "window" in ms:
-            win = truncate(ids, baseline_max_length - gen_len, cfg.truncation) if baseline_max_length else ids
+            limit = self.baseline_max_length
+            win = truncate(ids, limit - gen_len, cfg.truncation) if limit else ids
             # the backbone's logits carry the BOS position first: drop it so index i predicts token i+1
-            rec = _answer(cfg, tok, w, win, generate=lambda n: backbone.generate(win, n),
-                          last_logits=lambda: backbone.last_logits(win)[0],
-                          seq_logits=lambda seqs: [backbone.forward_logits(s)[0, 1:] for s in seqs])
+            rec = _answer(cfg, tok, w, win, generate=lambda n: self.backbone.generate(win, n),
+                          last_logits=lambda: self.backbone.last_logits(win)[0],
+                          seq_logits=lambda seqs: [self.backbone.forward_logits(s)[0, 1:] for s in seqs])
             rec.update(window_tokens=len(win), truncated=len(ids) - len(win))
-            store.add({"method": "window", "subset": w.subset, "id": w.id, **rec})
-            bar.update(1)
-    bar.close()
-    summary = summarize(task, run, work, methods, cfg)
-    write_json(run.file("results.json"), summary)
-    run.file("results.md").write_text(summary["table"] + "\n")
-    if cfg.tensorboard:
-        _tensorboard(run, task, summary)
-    return summary
+            yield {"method": "window", "subset": w.subset, "id": w.id, **rec}
+
+    def order(self, record: dict) -> tuple:
+        return self.position((record["subset"], record["id"])), METHODS.index(record["method"])
+
+    def summarize(self) -> dict:
+        data = self.trainer.datamodule
+        keys = data.keys(self.key_columns)
+        event_qa = bool(len(data.items)) and bool(data.items[0]["options"])
+        summary = summarize(self.task, self.run, keys, self.methods, self.cfg, event_qa)
+        write_json(self.run.file("results.json"), summary)
+        self.run.file("results.md").write_text(summary["table"] + "\n")
+        if self.cfg.tensorboard:
+            _tensorboard(self.run, self.task, summary)
+        return summary
 
 
 # ---- answering one item ------------------------------------------------------------------------------------------
@@ -205,14 +239,15 @@ def _answer(cfg, tok, w: Work, window: list[int], *, generate, last_logits, seq_
 
 
 # ---- results -----------------------------------------------------------------------------------------------------
-def summarize(task: str, run: RunDir, work: list[Work], methods: list[str], cfg) -> dict:
-    subsets = list(dict.fromkeys(w.subset for w in work))
+def summarize(task: str, run: RunDir, keys: list[tuple[str, str]], methods: list[str], cfg, event_qa: bool) -> dict:
+    """Scores per method and subset over the finished items (`keys`: (subset, id) in item order)."""
+    subsets = list(dict.fromkeys(s for s, _ in keys))
     scores: dict[str, dict] = {}
     counts: dict[str, dict] = {}
     for m in methods:
         scores[m], counts[m] = {}, {}
         for s in subsets:
-            recs = [run.store.get((m, w.subset, w.id)) for w in work if w.subset == s]
+            recs = [run.store.get((m, subset, i)) for subset, i in keys if subset == s]
             recs = [r for r in recs if r]
             counts[m][s] = len(recs)
             if not recs:
@@ -226,7 +261,7 @@ def summarize(task: str, run: RunDir, work: list[Work], methods: list[str], cfg)
         if scores[m]:
             vals = list(scores[m].values())
             scores[m]["avg"] = round(sum(vals) / len(vals), 2 if task == "longbench" else 4)
-    scale = "QA-F1 x100" if task == "longbench" else ("accuracy" if work and work[0].options else "QA-F1 (0-1)")
+    scale = "QA-F1 x100" if task == "longbench" else ("accuracy" if event_qa else "QA-F1 (0-1)")
     header = ["method", *subsets] + (["Avg"] if len(subsets) > 1 else [])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in methods:

@@ -66,3 +66,79 @@ def cost_plot(rows: list[dict], path: str | Path, device: str = "") -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def recall_plot(results: dict, path: str | Path) -> Path:
+    """The retriever's recall of the context's long-term rows against tokens injected after the context (paper
+    Fig. 6): the share retrieved beside a random pick's, and the rows retrieved beside the rows in the long-term
+    memory (means per item and layer)."""
+    recall = results["recall"]
+    scale = 1000 if max(recall["distances"] or [0]) >= 2000 else 1
+    xs = [d / scale for d in recall["distances"]]
+
+    def points(key):
+        return [(x, v) for x, v in zip(xs, recall[key]) if v is not None]
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for key, label, style in (("recall", "retriever", "-"), ("random_recall", f"random pick of {recall['read_rows']}",
+                                                              ":")):
+        pts = points(key)
+        axes[0].plot([x for x, _ in pts], [v for _, v in pts], linestyle=style, marker="o", color=COLORS["mplus"],
+                     label=label)
+    axes[0].set_ylabel("share of the context's long-term rows retrieved")
+    axes[0].set_ylim(0, 1)
+    for key, label, style in (("retrieved", "retrieved", "-"), ("in_ltm", "in the long-term memory", "--")):
+        pts = points(key)
+        axes[1].plot([x for x, _ in pts], [v for _, v in pts], linestyle=style, marker="o", color=COLORS["mplus"],
+                     label=label)
+    axes[1].set_ylabel(f"context rows per layer (of {recall['rows']})")
+    for ax in axes:
+        ax.set_xlabel("tokens injected after the context" + (" (k)" if scale == 1000 else ""))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Retriever recall: {results.get('dataset', '')}, {results.get('num_items', '?')} items, "
+                 f"{Path(str(results.get('model', ''))).name}")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def position_loss_plot(results: dict, path: str | Path) -> Path:
+    """Mean next-token loss against the position in the document, one line per checkpoint (paper Fig. 4)."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for label, curve in results["models"].items():
+        pts = [(s / 1000, v) for s, v in zip(curve["bucket_start"], curve["loss"]) if v is not None]
+        ax.plot([x for x, _ in pts], [v for _, v in pts], marker=".", label=f"{label} (mean {curve['mean_loss']:.3f})")
+    ax.set_xlabel(f"position in the document (k tokens; buckets of {results['bucket_tokens']})")
+    ax.set_ylabel("next-token loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Loss by position: {results['num_documents']} documents, chunks of {results['chunk_tokens']} "
+                 "tokens scored before they are written")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def short_context_plot(results: dict, path: str | Path) -> Path:
+    """Loss (and perplexity) of each method on the same short inputs (paper Sec. 4.6.1)."""
+    methods = list(results["methods"])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    colors = [COLORS.get("window" if m == "backbone" else m, "tab:gray") for m in methods]
+    for ax, key, title in ((axes[0], "loss", "mean next-token loss"), (axes[1], "perplexity", "perplexity")):
+        values = [results["methods"][m][key] for m in methods]
+        bars = ax.bar(methods, values, color=colors)
+        ax.bar_label(bars, fmt="%.4f", fontsize=8)
+        ax.set_ylabel(title)
+        ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(f"Short inputs (<= {results['max_tokens']} tokens): {results['num_documents']} documents, "
+                 f"{Path(str(results.get('model', ''))).name}")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -29,6 +29,7 @@ import torch
 
 from ..data.files import DataFormatError
 from ..data.tokenizer import check_tokenizer, encode as encode, load_tokenizer as load_tokenizer  # the evaluations' too
+from ..model.configuration import MPlusConfig
 from ..model.decoding import decode_loop
 from ..model.memory import MemoryState
 from ..model.mplus import MemoryKVCache, MPlus
@@ -101,11 +102,17 @@ def load_checkpoint(path: str | Path, device: torch.device, dtype: torch.dtype) 
     return model, memory
 
 
-def load_eval_tokenizer(cfg, model: MPlus) -> Any:
+def load_model_config(path: str | Path) -> MPlusConfig:
+    """The architecture of a checkpoint directory, from its config.json alone (no weights read)."""
+    return MPlusConfig.from_json(check_model_dir(path) / "config.json")
+
+
+def load_eval_tokenizer(cfg, model: MPlus | MPlusConfig) -> Any:
     """The tokenizer of an evaluation (`cfg.tokenizer`, default the model directory), checked against the model's
     vocabulary before the first item (an id past it would stop the run midway)."""
+    config = model.config if isinstance(model, MPlus) else model
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model)
-    check_tokenizer(tokenizer, int(model.config.llama["vocab_size"]),
+    check_tokenizer(tokenizer, int(config.llama["vocab_size"]),
                     fix="pass the model's own tokenizer with --tokenizer (or tokenizer=PATH)")
     return tokenizer
 
@@ -245,21 +252,23 @@ class RunDir:
 
     Reopening it with different settings, or after any of those files changed (new weights at the same path), is an
     error naming what changed (results would mix); overwrite=true starts afresh.
+
+    Results: `items.jsonl`, one line per finished work unit. In a run over several ranks, rank 0 appends to it and
+    rank r > 0 to its own `items.rank<r>.jsonl` (`part_file`); `merge_parts` folds those into items.jsonl (at the
+    end, and at the start of a run that resumes an interrupted one).
     """
 
     def __init__(self, out: str | Path, task: str, cfg, fingerprint: dict, key_fields: tuple[str, ...],
-                 overwrite: bool = False, data_files: dict[str, Any] | None = None):
-        """`data_files`: {name: path} of the data the items come from (each a file or a directory)."""
+                 overwrite: bool = False, data_files: dict[str, Any] | None = None, *, create: bool = True):
+        """`data_files`: {name: path} of the data the items come from (each a file or a directory). `create=False`
+        only checks (reads nothing but the manifest): the process that writes calls `create` later."""
         self.path = Path(out)
-        if overwrite and self.path.exists():
-            for name in ("items.jsonl", "run.json"):
-                (self.path / name).unlink(missing_ok=True)
-            shutil.rmtree(self.path / "tensorboard", ignore_errors=True)
-        self.path.mkdir(parents=True, exist_ok=True)
-        manifest = self.path / "run.json"
+        self.task, self.key_fields, self.overwrite = task, key_fields, overwrite
         fingerprint = json.loads(json.dumps(fingerprint, default=str))
-        inputs = self._inputs(cfg, data_files or {})
-        if manifest.is_file():
+        self.manifest = {"task": task, "fingerprint": fingerprint, "inputs": self._inputs(cfg, data_files or {}),
+                         "config": to_dict(cfg)}
+        manifest = self.path / "run.json"
+        if not overwrite and manifest.is_file():
             recorded = json.loads(manifest.read_text())
             old = recorded.get("fingerprint", {})
             diff = sorted(k for k in set(old) | set(fingerprint) if old.get(k) != fingerprint.get(k))
@@ -269,12 +278,46 @@ class RunDir:
                     f"{self.path} holds results of a different {task} run ({k}: {old.get(k)!r} there, "
                     f"{fingerprint.get(k)!r} now; differing: {diff}). Use another --out or overwrite=true")
             if "inputs" in recorded:
-                self._check_inputs(task, recorded["inputs"], inputs)
+                self._check_inputs(task, recorded["inputs"], self.manifest["inputs"])
             else:
                 log.warning("%s: its results were recorded without the contents of the files they were computed "
                             "from; resuming without checking that the model and data are the same", self.path)
-        write_json(manifest, {"task": task, "fingerprint": fingerprint, "inputs": inputs, "config": to_dict(cfg)})
-        self.store = ResultStore(self.path / "items.jsonl", key_fields)
+        self.store: ResultStore | None = None
+        if create:
+            self.create()
+
+    def create(self) -> ResultStore:
+        """Start (overwrite: after deleting earlier results) or resume: write the manifest, open items.jsonl (a line
+        cut off mid-write is dropped) and fold in the part files an interrupted multi-rank run left."""
+        if self.overwrite and self.path.exists():
+            for name in ("items.jsonl", "run.json", *(p.name for p in self.parts())):
+                (self.path / name).unlink(missing_ok=True)
+            shutil.rmtree(self.path / "tensorboard", ignore_errors=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_json(self.path / "run.json", self.manifest)
+        self.store = ResultStore(self.path / "items.jsonl", self.key_fields)
+        self.merge_parts()
+        return self.store
+
+    def results(self) -> ResultStore:
+        """items.jsonl as `create` left it (for the ranks that do not write it)."""
+        return ResultStore(self.path / "items.jsonl", self.key_fields)
+
+    def part_file(self, rank: int) -> Path:
+        return self.path / f"items.rank{rank}.jsonl"
+
+    def parts(self) -> list[Path]:
+        return sorted(self.path.glob("items.rank*.jsonl"))
+
+    def merge_parts(self) -> int:
+        """Fold every rank's part file into items.jsonl and delete it; returns the number of records added."""
+        added = 0
+        for part in self.parts():
+            new = [r for k, r in ResultStore(part, self.key_fields).records.items() if k not in self.store]
+            self.store.extend(new)
+            added += len(new)
+            part.unlink()
+        return added
 
     def _inputs(self, cfg, data_files: dict[str, Any]) -> dict[str, dict[str, str]]:
         """{name: {file: content fingerprint}} of the model directory, a separate tokenizer and the data files."""

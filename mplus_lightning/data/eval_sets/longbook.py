@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ...data.files import DataFormatError, iter_jsonl, require_fields
+from ..files import DataFormatError, iter_jsonl, require_fields
 
 LONGBOOK_QA_FILE = "longbook_qa_eng.jsonl"
 EVENT_QA_FILE = "longbook_event_qa.jsonl"

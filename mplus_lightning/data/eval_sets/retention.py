@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ...data.files import DataFormatError, iter_jsonl, load_json, require_fields
+from ..files import DataFormatError, iter_jsonl, load_json, require_fields
 
 SQUAD_DEV = "dev-v2.0.json"
 SQUAD_TRAIN = "train-v2.0.json"

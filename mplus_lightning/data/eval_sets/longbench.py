@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ...data.files import DataFormatError, iter_jsonl, load_json, require_fields
+from ..files import DataFormatError, iter_jsonl, load_json, require_fields
 
 QA_SUBSETS = ("2wikimqa", "hotpotqa", "qasper", "musique", "multifieldqa_en", "narrativeqa")
 
