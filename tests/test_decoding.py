@@ -1,8 +1,11 @@
-"""The one decode loop: stop ids, padding of finished rows, no step after the last token; both generators use it."""
+"""The one decode loop: stop ids, padding of finished rows, no step after the last token; both generators use it.
+MPlus.generate's decode steps (the read adapter folded into the weights, a static cache) against the layer path."""
+import pytest
 import torch
 
 from mplus_lightning.eval import runtime
 from mplus_lightning.model import decoding, mplus
+from mplus_lightning.model.adapters import lora_modules
 from mplus_lightning.model.decoding import decode_loop, pick_token
 
 from .conftest import random_ids
@@ -57,3 +60,113 @@ def test_model_generate_and_the_window_baseline_share_the_loop(tiny_model, monke
     tiny_model.generate(mem, random_ids(5), max_new_tokens=3)
     runtime.Backbone(tiny_model).generate(random_ids(5)[0].tolist(), 3)
     assert len(used) == 2
+
+
+# ---- MPlus.generate's decode steps: adapter folded into the weights, static cache ---------------------------------
+def recording_generate(model, monkeypatch, memory, prompt, new: int, **kwargs):
+    """(ids, [per decode step: logits [B, V]]) of model.generate, greedy and never stopping early."""
+    logits: list[torch.Tensor] = []
+
+    def loop(first, step, max_new_tokens, **kw):
+        def recorded(tokens, i):
+            out = step(tokens, i)
+            logits.append(out.clone())
+            return out
+        return decoding.decode_loop(first, recorded, max_new_tokens, **kw)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(mplus, "decode_loop", loop)
+        ids = model.generate(memory, prompt, new, eos_token_id=None, **kwargs)
+    return ids, logits
+
+
+class StaticShapesOnCpu(decoding.StaticDecoder):
+    """The fixed-shape step that a CUDA graph captures (tensor inputs, masked whole cache), run eagerly on CPU."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **{**kwargs, "static": True})
+
+
+def layer_path(model, monkeypatch, memory, prompt, new: int):
+    """Today's decode through the decoder layers (train mode; the tiny config has no LoRA dropout)."""
+    model.train()
+    try:
+        return recording_generate(model, monkeypatch, memory, prompt, new)
+    finally:
+        model.eval()
+
+
+def memory_read_whole(model):
+    """A memory whose long-term part holds no more rows than a read retrieves (K0): every read retrieves all of them,
+    so that a read of prompt + generated tokens attends to what the generation attended to."""
+    mem = model.new_memory()
+    for s in range(3):
+        model.inject(mem, random_ids(16, seed=s + 1))
+    assert 0 < len(mem.ltm) <= model.config.ltm_read_rows
+    return mem
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static_shapes"])
+def test_decode_with_the_folded_adapter_gives_the_layer_paths_tokens_and_logits(tiny_model, monkeypatch, static):
+    if static:
+        monkeypatch.setattr(mplus, "StaticDecoder", StaticShapesOnCpu)
+    mem = memory_read_whole(tiny_model)
+    prompt = random_ids(5, batch=2, seed=9)
+    ref_ids, ref_logits = layer_path(tiny_model, monkeypatch, mem, prompt, 10)
+    for fold in (True, False):
+        ids, logits = recording_generate(tiny_model, monkeypatch, mem, prompt, 10, fold_adapter=fold)
+        assert tiny_model._decoder.static is static
+        assert torch.equal(ids, ref_ids), f"fold_adapter={fold}: other greedy tokens than the layer path"
+        assert len(logits) == len(ref_logits) == 9
+        for a, b in zip(logits, ref_logits):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # and every step equals a read of the prompt and the tokens so far (no cache at all)
+    for i, step_logits in enumerate(ref_logits):
+        whole = tiny_model.read(mem, ref_ids[:, : 5 + i + 1], logits_to_keep=1)[:, -1]
+        torch.testing.assert_close(step_logits, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_the_adapter_matters_and_a_weight_update_reaches_the_folded_copy(tiny_model, monkeypatch):
+    mem = memory_read_whole(tiny_model)
+    prompt = random_ids(5, seed=4)
+    _, before = recording_generate(tiny_model, monkeypatch, mem, prompt, 4)
+    lora_b = tiny_model.layers[1].mlp.up_proj.lora_B["read"].weight
+    with torch.no_grad():
+        lora_b.add_(torch.randn(lora_b.shape, generator=torch.Generator().manual_seed(5)))  # as an optimizer step
+    _, after = recording_generate(tiny_model, monkeypatch, mem, prompt, 4)
+    _, reference = layer_path(tiny_model, monkeypatch, mem, prompt, 4)
+    assert not torch.allclose(after[0], before[0], atol=1e-3), "the read adapter's update changed nothing"
+    for a, b in zip(after, reference):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_the_decode_state_is_kept_between_calls_and_freed_on_request(tiny_model):
+    mem = memory_read_whole(tiny_model)
+    prompt = random_ids(5, seed=4)
+    assert tiny_model.decode_state_bytes() == 0
+    first = tiny_model.generate(mem, prompt, 6, eos_token_id=None)
+    kept = tiny_model.decode_state_bytes()
+    adapted = sum(m.base_layer.weight.numel() for layer in tiny_model.layers for m in lora_modules(layer)) * 4
+    assert kept > adapted, "the folded copy of every adapted weight and the cache are kept"
+    again = tiny_model.generate(mem, random_ids(7, seed=8), 5, eos_token_id=None)   # fits the same cache
+    assert tiny_model.decode_state_bytes() == kept and again.shape == (1, 12)
+    tiny_model.free_decode_state()
+    assert tiny_model.decode_state_bytes() == 0
+    assert torch.equal(tiny_model.generate(mem, prompt, 6, eos_token_id=None), first)
+    unfolded = tiny_model.generate(mem, prompt, 6, eos_token_id=None, fold_adapter=False)
+    assert torch.equal(unfolded, first)
+    assert 0 < tiny_model.decode_state_bytes() < kept - adapted + 1, "fold_adapter=False keeps no folded copy"
+
+
+def test_folding_computes_w_plus_scaled_b_a_and_leaves_the_module_alone(tiny_model):
+    from mplus_lightning.model.adapters import READ, FoldedAdapters
+
+    q = tiny_model.layers[0].self_attn.q_proj
+    before = q.base_layer.weight.clone()
+    folded = FoldedAdapters().projection(q, READ)
+    expected = before + q.scaling[READ] * q.lora_B[READ].weight @ q.lora_A[READ].weight
+    torch.testing.assert_close(folded.weight, expected, rtol=1e-6, atol=1e-6)
+    assert torch.equal(q.base_layer.weight, before), "write passes keep the unfolded weights"
+    x = torch.randn(3, q.in_features)
+    q._active_adapter = [READ]
+    torch.testing.assert_close(folded(x), q(x), rtol=1e-5, atol=1e-5)

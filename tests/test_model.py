@@ -1,11 +1,9 @@
 """Behaviour of MPlus on tiny random configs: backbone = HF Llama, read/write semantics, retrieval, KV cache."""
 import pytest
 import torch
-from torch.nn import functional as F
 from transformers import LlamaForCausalLM
 
 from mplus_lightning import MemoryState, MPlus, tiny_config
-from mplus_lightning.model.mplus import bottom_right_causal_mask
 from mplus_lightning.model.retriever import mean_sigmoid_scores, retriever_bce_loss, select_oldest_first
 
 from .conftest import random_ids, randomize_adapters
@@ -31,19 +29,6 @@ def test_backbone_without_memory_equals_hf_llama(tiny_model):
     torch.testing.assert_close(tiny_model.backbone_logits(ids), expected, rtol=1e-5, atol=1e-5)
     # an active adapter (random, non-zero) changes the result: the comparison above really ran without LoRA
     assert not torch.allclose(tiny_model.backbone_logits(ids, adapter="read"), expected, atol=1e-4)
-
-
-def test_bottom_right_mask_matches_naive_attention():
-    q, total = 3, 7
-    mask = bottom_right_causal_mask(q, total, torch.float32, "cpu")[0, 0]
-    visible = mask == 0
-    for i in range(q):
-        assert visible[i].tolist() == [j <= total - q + i for j in range(total)]
-    # against torch's own top-left causal attention on the square case
-    x = torch.randn(1, 1, total, 8)
-    naive = F.scaled_dot_product_attention(x, x, x, is_causal=True)[:, :, -q:]
-    ours = F.scaled_dot_product_attention(x[:, :, -q:], x, x, attn_mask=mask)
-    torch.testing.assert_close(ours, naive)
 
 
 def test_inject_commits_the_written_delta_as_newest_block(tiny_model):

@@ -11,7 +11,7 @@ from mplus_lightning.model import profiling
 
 from .conftest import random_ids
 
-MODEL_REGIONS = {"memory_kv", "read_prefix", "retrieval.scores", "retrieval.select", "mask", "lm_head",
+MODEL_REGIONS = {"memory_kv", "read_prefix", "retrieval.scores", "retrieval.select", "lm_head",
                  "newest_block", "commit", "commit.ltm_keys", "commit.ltm_add", "commit.sample_evictions"}
 
 

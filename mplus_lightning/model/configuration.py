@@ -145,7 +145,7 @@ class MPlusConfig(MemoryArchitecture):
 
     def llama_config(self) -> LlamaConfig:
         cfg = LlamaConfig(**self.llama)
-        # SDPA with an explicit mask: works on CPU and GPU, and the mask carries the bottom-right alignment.
+        # What a plain LlamaForCausalLM of this config runs; MPlus's layers attend through model/attention.py.
         cfg._attn_implementation = "sdpa"
         return cfg
 

@@ -11,6 +11,9 @@ Ages count memory rows written since a row was written: every commit adds K to e
 the new block gets ages K-1 ... 0 (the last written row is the youngest). The official inference code never ages
 short-term rows (only training does); we age them consistently.
 
+Placement: `MemoryState.place` can keep the long-term rows (and their keys) in host memory while everything else
+stays on the GPU; reads then copy only the rows they retrieve (`LongTermMemory.gather`).
+
 On disk a memory is either our snapshot (`save`/`load`: memory.safetensors + memory.json) or the tensors an official
 release stores beside its weights (`memory`, `ltm.l`, `ltm_keys.l`, `ltm_ages.l`, ...): `from_pretrained` reads both,
 `release_tensors` writes the latter.
@@ -43,13 +46,47 @@ RELEASE_RECALL_FREQUENCY = 10.0
 """What `release_tensors` stores as every long-term row's recall frequency: the official value of a fresh row."""
 
 
+HOST, DEVICE = "host", "device"
+LTM_PLACEMENTS = {"device": (DEVICE, DEVICE), "rows_on_host": (HOST, DEVICE), "all_on_host": (HOST, HOST)}
+"""Named placements of a long-term memory -> (rows, keys): `MemoryState.place(..., ltm_rows=, ltm_keys=)`."""
+GATHER_CHUNK_ROWS = 512
+"""Rows per host-side gather of a read from host-placed long-term rows: the gather of one chunk overlaps the
+asynchronous copy of the previous one to the device."""
+
+
+def _host_buffer(shape, dtype: torch.dtype, pinned: bool) -> torch.Tensor:
+    """An uninitialised CPU tensor, page-locked when asked and CUDA is there (asynchronous copies to the GPU)."""
+    return torch.empty(shape, dtype=dtype, pin_memory=pinned and torch.cuda.is_available())
+
+
+def _to_host(t: torch.Tensor, dtype: torch.dtype | None, pinned: bool) -> torch.Tensor:
+    """`t` on the CPU in `dtype`, page-locked if `pinned` and CUDA is there; `t` itself if it already is."""
+    dtype = dtype or t.dtype
+    pinned = pinned and torch.cuda.is_available()
+    if t.device.type == "cpu" and t.dtype == dtype and (not pinned or t.is_pinned()):
+        return t
+    out = _host_buffer(t.shape, dtype, pinned)
+    out.copy_(t)
+    return out
+
+
 class LongTermMemory:
     """Per-layer long-term rows, their retrieval keys and ages, bounded by `capacity` rows per layer.
 
     Stored in preallocated per-layer buffers that grow geometrically up to `capacity`; nothing is lost before the
     capacity is reached, then the oldest rows (largest age) of each layer leave first. Every layer holds the same
     number of rows (each commit evicts K rows from every layer).
+
+    Placement (`place`): the rows, and separately their keys, may live in host memory while the ages and every
+    computation stay on the compute device. A read then scores the keys on the device and copies only the K0 rows
+    it retrieves per layer (`gather`); host-placed keys are copied per layer, the next layer's while the current
+    one computes (`prefetch_keys`), as the official code keeps its long-term memory on the CPU.
     """
+
+    rows_on_host = False
+    keys_on_host = False
+    _staging: list | None = None      # page-locked gather buffers and the events of their last copies
+    _prefetched: dict | None = None   # layer -> (version key, keys on the device, copy event)
 
     def __init__(self, num_layers: int, hidden_size: int, key_size: int, capacity: int, *,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
@@ -76,6 +113,11 @@ class LongTermMemory:
     def __len__(self) -> int:
         return self.size
 
+    def reserve(self, rows_per_layer: int) -> None:
+        """Allocate room for this many rows per layer (at most the capacity) now, e.g. before adding a large store
+        in slices, which would otherwise grow the buffers (and copy them) several times."""
+        self._reserve(min(self.capacity, rows_per_layer))
+
     def _reserve(self, needed: int) -> None:
         allocated = self.rows.shape[1]
         if needed <= allocated:
@@ -83,7 +125,8 @@ class LongTermMemory:
         new = min(self.capacity, max(needed, 2 * allocated, 1024))
 
         def grow(t: torch.Tensor) -> torch.Tensor:
-            out = t.new_empty((t.shape[0], new, *t.shape[2:]))
+            shape = (t.shape[0], new, *t.shape[2:])
+            out = _host_buffer(shape, t.dtype, t.is_pinned()) if t.device.type == "cpu" else t.new_empty(shape)
             out[:, : self.size] = t[:, : self.size]
             return out
 
@@ -95,6 +138,9 @@ class LongTermMemory:
         k = rows.shape[1]
         if k > self.capacity:
             raise ValueError(f"cannot add {k} rows to a long-term memory of capacity {self.capacity}")
+        # where each part lives (host-placed parts receive device rows here)
+        rows, keys = rows.to(self.rows.device, self.rows.dtype), keys.to(self.keys.device, self.keys.dtype)
+        ages = ages.to(self.ages.device)
         free = min(k, self.capacity - self.size)
         if free:
             self._reserve(self.size + free)
@@ -105,8 +151,9 @@ class LongTermMemory:
             # Full: overwrite the slots of the oldest rows of each layer (they may differ per layer).
             rest = k - free
             slots = torch.topk(self.ages[:, : self.size], rest, dim=1).indices  # [L, rest]
-            self.rows.scatter_(1, slots[..., None].expand(-1, -1, self.hidden_size), rows[:, free:])
-            self.keys.scatter_(1, slots[..., None].expand(-1, -1, self.key_size), keys[:, free:])
+            row_slots, key_slots = slots.to(self.rows.device), slots.to(self.keys.device)
+            self.rows.scatter_(1, row_slots[..., None].expand(-1, -1, self.hidden_size), rows[:, free:])
+            self.keys.scatter_(1, key_slots[..., None].expand(-1, -1, self.key_size), keys[:, free:])
             self.ages.scatter_(1, slots, ages[:, free:])
 
     def age_by(self, amount: int) -> None:
@@ -117,18 +164,112 @@ class LongTermMemory:
         self.size = 0
 
     def empty_like(self) -> "LongTermMemory":
-        """An empty long-term memory of the same layers, widths, capacity, dtype and device."""
-        return LongTermMemory(self.num_layers, self.hidden_size, self.key_size, self.capacity, dtype=self.rows.dtype,
-                              device=self.rows.device)
+        """An empty long-term memory of the same layers, widths, capacity, dtype and placement."""
+        out = LongTermMemory(self.num_layers, self.hidden_size, self.key_size, self.capacity, dtype=self.rows.dtype,
+                             device=self.device)
+        return out.place(rows=HOST if self.rows_on_host else DEVICE, keys=HOST if self.keys_on_host else DEVICE)
 
     def view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, keys, ages) of one layer, only the filled part."""
         return self.rows[layer, : self.size], self.keys[layer, : self.size], self.ages[layer, : self.size]
 
+    # ---- placement -------------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        """The compute device: where the ages live, and the rows and keys unless placed on the host."""
+        return self.ages.device
+
+    def place(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+              rows: str = DEVICE, keys: str = DEVICE) -> "LongTermMemory":
+        """Put the ages on `device` (default: where they are), and the rows and the keys each on it (`"device"`) or
+        in host memory (`"host"`), cast to `dtype`; in place, returns self.
+
+        Host rows stay in ordinary (pageable) memory: a read gathers its K0 rows per layer on the host into a
+        page-locked buffer, and only that buffer needs locking. Host keys are page-locked when CUDA is there: each
+        read copies every key of a layer to the device, asynchronously.
+        """
+        for what, where in (("rows", rows), ("keys", keys)):
+            if where not in (HOST, DEVICE):
+                raise ValueError(f"long-term {what} placement must be 'host' or 'device', got {where!r}")
+        device = torch.device(device) if device is not None else self.device
+        self.ages = self.ages.to(device)
+        self.rows = (_to_host(self.rows, dtype, pinned=False) if rows == HOST
+                     else self.rows.to(device=device, dtype=dtype))
+        self.keys = (_to_host(self.keys, dtype, pinned=True) if keys == HOST
+                     else self.keys.to(device=device, dtype=dtype))
+        self.rows_on_host, self.keys_on_host = rows == HOST, keys == HOST
+        self._staging = self._prefetched = None
+        return self
+
+    def placement(self) -> dict[str, str]:
+        """Where the rows and keys are ('host' or 'device') and the compute device."""
+        return {"rows": HOST if self.rows_on_host else DEVICE, "keys": HOST if self.keys_on_host else DEVICE,
+                "device": str(self.device)}
+
+    def _keys_version(self) -> tuple:
+        return (id(self.keys), self.keys._version, self.size)
+
+    def prefetch_keys(self, layer: int, device: torch.device) -> None:
+        """Start copying a layer's host-placed keys to the CUDA `device` on a side stream, so that the copy overlaps
+        the work queued before that layer's retrieval (keys, unlike the retrieved rows, do not depend on the hidden
+        states). A no-op otherwise."""
+        if not (self.keys_on_host and device.type == "cuda" and 0 <= layer < self.num_layers and self.size):
+            return
+        if self._prefetched is None:
+            self._prefetched = {}
+        if layer in self._prefetched:
+            return
+        stream = _copy_stream(device)   # the copy depends on nothing queued on the device: it starts at once
+        with torch.cuda.stream(stream):
+            copy = self.keys[layer, : self.size].to(device, non_blocking=True)
+        self._prefetched[layer] = (self._keys_version(), copy, stream.record_event())
+
+    def _keys_on(self, layer: int, device: torch.device) -> torch.Tensor:
+        """The layer's filled keys on `device`: the prefetched copy if there is a current one, else a copy now."""
+        keys = self.keys[layer, : self.size]
+        hit = self._prefetched.pop(layer, None) if self._prefetched else None
+        if hit is not None and hit[0] == self._keys_version() and hit[1].device == device:
+            current = torch.cuda.current_stream(device)
+            current.wait_event(hit[2])
+            hit[1].record_stream(current)   # allocated on the side stream, used on this one
+            return hit[1]
+        return keys.to(device, non_blocking=keys.is_pinned())
+
+    def gather(self, layer: int, idx: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Rows idx [B, m] of a layer -> [B, m, d] on `device` in `dtype`.
+
+        Host rows: gathered on the host in chunks into page-locked buffers (two, alternating), each chunk copied to
+        the device asynchronously while the next one is gathered; only the K0 retrieved rows cross to the device."""
+        rows = self.rows[layer, : self.size]
+        if not self.rows_on_host and rows.device == device:
+            return rows[idx].to(dtype)
+        flat = idx.reshape(-1).to(rows.device)
+        out = torch.empty(flat.numel(), rows.shape[1], dtype=rows.dtype, device=device)
+        for i, start in enumerate(range(0, flat.numel(), GATHER_CHUNK_ROWS)):
+            part = flat[start: start + GATHER_CHUNK_ROWS]
+            buffer, done = self._staging_buffer(i % 2, rows)
+            if done is not None:
+                done.synchronize()          # its previous copy has left the buffer
+            chunk = torch.index_select(rows, 0, part, out=buffer[: part.numel()])
+            out[start: start + part.numel()].copy_(chunk, non_blocking=True)
+            if device.type == "cuda":
+                self._staging[i % 2][1] = torch.cuda.current_stream(device).record_event()
+        return out.view(*idx.shape, rows.shape[1]).to(dtype)
+
+    def _staging_buffer(self, which: int, rows: torch.Tensor) -> tuple[torch.Tensor, object]:
+        if self._staging is None:
+            self._staging = [[None, None], [None, None]]
+        buffer, done = self._staging[which]
+        if buffer is None or buffer.shape != (GATHER_CHUNK_ROWS, rows.shape[1]) or buffer.dtype != rows.dtype:
+            buffer = _host_buffer((GATHER_CHUNK_ROWS, rows.shape[1]), rows.dtype, pinned=True)
+            self._staging[which] = [buffer, None]
+            done = None
+        return buffer, done
+
     # ---- retrieval ---------------------------------------------------------------------------------------------
     def scores(self, layer: int, queries: torch.Tensor) -> torch.Tensor:
         """[B, M] retrieval scores of the layer's stored rows for queries [B, n, s]: mean over n of sigmoid(q . key)."""
-        return mean_sigmoid_scores(queries, self.keys[layer, : self.size].to(queries.dtype))
+        return mean_sigmoid_scores(queries, self._keys_on(layer, queries.device).to(queries.dtype))
 
     def retrieve(self, layer: int, queries: torch.Tensor, k: int) -> torch.Tensor:
         """[B, min(k, M)] indices of the layer's k best-scoring rows for queries [B, n, s], ordered oldest first."""
@@ -139,16 +280,26 @@ class LongTermMemory:
 
     # ---- copies ------------------------------------------------------------------------------------------------
     def clone(self) -> "LongTermMemory":
+        """An independent copy with the same placement."""
         out = LongTermMemory.__new__(LongTermMemory)
         out.capacity, out.size = self.capacity, self.size
-        out.rows, out.keys, out.ages = (t[:, : self.size].clone() for t in (self.rows, self.keys, self.ages))
+        out.rows, out.ages = (t[:, : self.size].clone() for t in (self.rows, self.ages))
+        keys = self.keys[:, : self.size]
+        if keys.is_pinned():
+            out.keys = _host_buffer(keys.shape, keys.dtype, pinned=True)
+            out.keys.copy_(keys)
+        else:
+            out.keys = keys.clone()
+        out.rows_on_host, out.keys_on_host = self.rows_on_host, self.keys_on_host
         return out
 
     def to(self, device=None, dtype=None) -> "LongTermMemory":
-        self.rows = self.rows.to(device=device, dtype=dtype)
-        self.keys = self.keys.to(device=device, dtype=dtype)
-        self.ages = self.ages.to(device=device)
-        return self
+        """Move everything to `device` (the placement becomes all-device), or with device None only cast in place,
+        keeping the placement."""
+        if device is None:
+            return self.place(None, dtype, rows=HOST if self.rows_on_host else DEVICE,
+                              keys=HOST if self.keys_on_host else DEVICE)
+        return self.place(device, dtype)
 
     @classmethod
     def from_tensors(cls, rows: torch.Tensor, keys: torch.Tensor, ages: torch.Tensor, capacity: int
@@ -343,7 +494,8 @@ class MemoryState:
                            initialized=self.initialized)
 
     def to(self, device=None, dtype=None) -> "MemoryState":
-        """Move/cast in place (ranks and ages stay integer); returns self."""
+        """Move/cast in place (ranks and ages stay integer); returns self. With a device, everything goes there
+        (see `place` to keep the long-term rows on the host)."""
         self.kv_store.clear()
         self.rows = self.rows.to(device=device, dtype=dtype)
         self.ranks, self.ages = self.ranks.to(device=device), self.ages.to(device=device)
@@ -351,12 +503,31 @@ class MemoryState:
             self.ltm.to(device=device, dtype=dtype)
         return self
 
+    def place(self, device, dtype=None, *, ltm_rows: str = "device", ltm_keys: str = "device") -> "MemoryState":
+        """Like `to(device, dtype)`, with the long-term rows and their retrieval keys each on `device` ("device") or
+        in host memory ("host"); in place, returns self. E.g. `memory.place("cuda", torch.bfloat16,
+        ltm_rows="host")`: the ~40 GB of long-term rows of an 8B model at the official 153,600 rows per layer stay
+        on the host, and a read copies the K0 rows it retrieves per layer (21 MB each at 8B). Host keys (2.5 GB
+        there) also leave the GPU, at the price of copying every key of a layer at each read, as officially."""
+        for what, where in (("ltm_rows", ltm_rows), ("ltm_keys", ltm_keys)):
+            if where not in (HOST, DEVICE):
+                raise ValueError(f"{what} must be 'host' or 'device', got {where!r}")
+        self.kv_store.clear()
+        self.rows = self.rows.to(device=device, dtype=dtype)
+        self.ranks, self.ages = self.ranks.to(device=device), self.ages.to(device=device)
+        if self.ltm is not None:   # never all of it on the device on the way (it may not fit there)
+            self.ltm.place(device, dtype, rows=ltm_rows, keys=ltm_keys)
+        return self
+
     def state_dict(self) -> dict[str, torch.Tensor]:
+        """The tensors on the CPU. A memory on the CPU shares them; one on a device does not, its host-placed
+        long-term parts included (copied: they change in place at the next commit)."""
         sd = {"rows": self.rows, "ranks": self.ranks, "ages": self.ages}
         if self.ltm is not None:
             rows, keys, ages = (t[:, : self.ltm.size] for t in (self.ltm.rows, self.ltm.keys, self.ltm.ages))
             sd.update(ltm_rows=rows, ltm_keys=keys, ltm_ages=ages)
-        return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+        copy = self.device.type != "cpu"
+        return {k: v.detach().contiguous().to("cpu", copy=copy) for k, v in sd.items()}
 
     def meta(self) -> dict:
         return {"format_version": FORMAT_VERSION, "num_tokens": self.num_tokens, "initialized": self.initialized,
@@ -454,3 +625,14 @@ class MemoryState:
         else:
             tensors["initialized"] = torch.tensor(int(self.initialized), dtype=torch.uint8)
         return tensors
+
+
+_COPY_STREAMS: dict = {}
+
+
+def _copy_stream(device: torch.device):
+    """One side stream per CUDA device for prefetching host-placed keys."""
+    key = str(device)
+    if key not in _COPY_STREAMS:
+        _COPY_STREAMS[key] = torch.cuda.Stream(device)
+    return _COPY_STREAMS[key]

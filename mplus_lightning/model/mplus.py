@@ -3,7 +3,8 @@
 Every pass loops over the HF decoder layers. Memory rows act only as keys/values: a layer's memory prefix
 `[bos_l ; rows]` goes through that layer's RMSNorm_in and k/v projections (with the active LoRA adapter) and RoPE at
 the rows' positions, and is placed in the KV cache before the layer runs on the real tokens. Real tokens attend
-to every prefix row and causally to each other (bottom-right aligned), as in the official code.
+to every prefix row and causally to each other (bottom-right aligned), as in the official code; the attention computes
+that without a mask (attention.py).
 
 Sequence layouts (positions):
   write  [bos 0 ; previous block 1..K ; chunk K+1..K+n]; the new memory embedding e is added to the last K query rows
@@ -24,9 +25,10 @@ from transformers import LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding, rotate_half
 
 from . import formats
-from .adapters import READ, WRITE, activate, add_lora_adapters, lora_modules
+from .adapters import READ, WRITE, FoldedAdapters, activate, add_lora_adapters, lora_modules
+from .attention import MemoryAttention
 from .configuration import MPlusConfig
-from .decoding import decode_loop, pick_token
+from .decoding import StaticDecoder, decode_loop, pick_token
 from .memory import LongTermMemory, MemoryState
 from .profiling import region
 from .retriever import Retriever
@@ -46,6 +48,7 @@ def _check_transformers(version: str) -> None:
 _check_transformers(transformers.__version__)
 
 MIN_CHUNK_TOKENS = 16  # the official README's "hard minimum"; shorter chunks disturb the memory
+DECODE_SLOTS_ROUNDING = 256  # decode caches are sized in these steps, so that the next generation can reuse one
 
 
 def is_memory_parameter(name: str) -> bool:
@@ -54,7 +57,7 @@ def is_memory_parameter(name: str) -> bool:
 
 
 class MemoryKVCache:
-    """Per-layer key/value cache that starts with a memory prefix. Called by HF attention as `cache.update`.
+    """Per-layer key/value cache that starts with a memory prefix. Called by the layer's attention as `cache.update`.
 
     With `capacity` the buffers are preallocated (generation: no re-concatenation per token); without, the prefix and
     the query K/V are concatenated once (write and training passes, where autograd must see plain ops).
@@ -65,16 +68,6 @@ class MemoryKVCache:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.lengths = [0] * num_layers
-        self._masks: dict = {}
-
-    def mask(self, q: int, total: int, dtype: torch.dtype, device) -> torch.Tensor | None:
-        """The bottom-right causal mask for q queries over `total` keys, built once per pass (all layers share it)."""
-        if q == 1:
-            return None
-        key = (q, total, dtype, str(device))
-        if key not in self._masks:
-            self._masks[key] = bottom_right_causal_mask(q, total, dtype, device)
-        return self._masks[key]
 
     def _put(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = self.lengths[layer]
@@ -109,16 +102,6 @@ class MemoryKVCache:
         return self.lengths[layer_idx]
 
 
-@region("mask")
-def bottom_right_causal_mask(q: int, total: int, dtype: torch.dtype, device) -> torch.Tensor:
-    """[1, 1, q, total] additive mask: query i sees keys 0 .. total-q+i (every prefix row and itself)."""
-    i = torch.arange(q, device=device)[:, None]
-    j = torch.arange(total, device=device)[None, :]
-    mask = torch.zeros(q, total, dtype=dtype, device=device)
-    mask.masked_fill_(j > i + (total - q), torch.finfo(dtype).min)
-    return mask[None, None]
-
-
 class MemoryDecoderLayer(LlamaDecoderLayer):
     """A transformers LlamaDecoderLayer that also owns its memory BOS vector and (M+) its retriever.
 
@@ -133,6 +116,7 @@ class MemoryDecoderLayer(LlamaDecoderLayer):
     def convert(cls, layer: LlamaDecoderLayer, config: MPlusConfig) -> "MemoryDecoderLayer":
         """Turn an HF decoder layer into a MemoryDecoderLayer in place (weights and parameter names unchanged)."""
         layer.__class__ = cls
+        MemoryAttention.convert(layer.self_attn)
         d = config.hidden_size
         layer.memory_bos = nn.Parameter(torch.zeros(d))
         layer.retriever = (Retriever(d, config.selector_hidden_dim, config.num_selector_layers,
@@ -164,14 +148,15 @@ class MemoryDecoderLayer(LlamaDecoderLayer):
 
         `prefix` is None (decode step: everything is in the cache already), or a callable
         `prefix(layer, hidden_states) -> (rows [B|1, p, d], positions [B|1, p])` of memory rows; the layer prepends
-        its BOS vector at position 0 and puts their K/V into `cache` first.
+        its BOS vector at position 0 and puts their K/V into `cache` first. The q tokens see every key the cache holds
+        before them and causally each other (`attention.memory_attention`).
         `keys_only`: return the retriever keys f_k(RMSNorm_in(rows)) of `hidden_states` instead (inside the layer's
         forward so that FSDP has gathered the retriever's weights).
         """
         if keys_only:
             return self.retriever.key_proj(self.input_layernorm(hidden_states))
         activate(self.lora(), adapter)
-        B, q, _ = hidden_states.shape
+        B = hidden_states.shape[0]
         idx = self.self_attn.layer_idx
         if prefix is not None:
             rows, positions, *cached = prefix(self, hidden_states)
@@ -185,9 +170,7 @@ class MemoryDecoderLayer(LlamaDecoderLayer):
                 ck, cv = cached[0]
                 k, v = torch.cat([k, ck.expand(B, -1, -1, -1)], 2), torch.cat([v, cv.expand(B, -1, -1, -1)], 2)
             cache.prefill(idx, k, v)
-        mask = cache.mask(q, cache.get_seq_length(idx) + q, hidden_states.dtype, hidden_states.device)
-        return super().forward(hidden_states, attention_mask=mask, cache=cache,
-                               position_embeddings=position_embeddings)
+        return super().forward(hidden_states, cache=cache, position_embeddings=position_embeddings)
 
 
 @dataclass
@@ -402,6 +385,8 @@ class MPlus(nn.Module):
 
         @region("read_prefix")
         def prefix(layer: MemoryDecoderLayer, h: torch.Tensor):
+            if ltm is not None:   # host-placed keys: the next layer's copy overlaps this layer's work
+                ltm.prefetch_keys(layer_idx + 1, h.device)
             if probe is not None:
                 probe.score(layer, layer_idx, h, view.rows[layer_idx])
             queries = h if view.ltm_query_lengths is None else h[:, : view.ltm_query_lengths[layer_idx]]
@@ -417,7 +402,8 @@ class MPlus(nn.Module):
     @staticmethod
     def _retrieve(layer: "MemoryDecoderLayer", layer_idx: int, h: torch.Tensor, ltm: LongTermMemory | None, K0: int,
                   retrieved: list | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The layer's long-term rows for queries h [B, n, d]: ([B, m, d] oldest first, their positions [B, m])."""
+        """The layer's long-term rows for queries h [B, n, d]: ([B, m, d] oldest first, their positions [B, m]).
+        Only the m <= K0 retrieved rows are copied to h's device (the rows may be placed on the host)."""
         B = h.shape[0]
         if ltm is None or ltm.size == 0:
             return h.new_zeros(B, 0, h.shape[2]), torch.zeros(B, 0, dtype=torch.long, device=h.device)
@@ -429,7 +415,7 @@ class MPlus(nn.Module):
         m = idx.shape[1]
         # Fewer than K0 stored rows: they sit right before the STM, so the STM and prompt keep their positions.
         ltm_pos = torch.arange(1 + K0 - m, 1 + K0, device=h.device).expand(B, m)
-        return ltm.view(layer_idx)[0][idx].to(h.dtype), ltm_pos
+        return ltm.gather(layer_idx, idx, h.device, h.dtype), ltm_pos
 
     def prefix_length(self, memory: MemoryState) -> int:
         """Memory rows (BOS included) in front of a read: 1 + min(K0, stored LTM rows) + N."""
@@ -553,11 +539,16 @@ class MPlus(nn.Module):
     @torch.no_grad()
     def generate(self, memory: MemoryState, input_ids, max_new_tokens: int = 20, *, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int | None = None, eos_token_id: int | None = -1,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, fold_adapter: bool = True) -> torch.Tensor:
         """Prompt followed by up to `max_new_tokens` new ids, greedy unless `do_sample`. [B, n + new].
 
         Retrieval happens once, at the prefill; decode steps attend to the cache. Stops when every row has produced
         `eos_token_id` (default: the config's; None never stops); finished rows are padded with it.
+
+        Decode steps (`StaticDecoder`) run with the read adapter folded into a copy of the adapted weights
+        (`fold_adapter`; at 8B the copy takes ~12 GB, False applies the adapter per step instead and frees it) over a
+        cache kept for the next call, replayed as one CUDA graph per token on CUDA; `free_decode_state()` releases
+        them. In train mode (LoRA dropout) the steps run through the layers as the prefill does.
         """
         self._check_memory(memory)
         ids = self._check_ids(input_ids, "generate")
@@ -569,11 +560,18 @@ class MPlus(nn.Module):
         if isinstance(eos, (list, tuple)):
             eos = eos[0]
         n = ids.shape[1]
-        cache = MemoryKVCache(len(self.layers), capacity=self.prefix_length(memory) + n + max_new_tokens)
+        needed = self.prefix_length(memory) + n + max_new_tokens
+        decoder = self._decoder_for(ids.shape[0], needed, fold_adapter, build=max_new_tokens > 1)
+        cache = MemoryKVCache(len(self.layers), capacity=decoder.capacity if decoder is not None else needed)
+        if decoder is not None:
+            decoder.bind(cache)
         h = self._read_layers(self.view(memory), self._embed(ids), cache)
         first_position = 1 + self.config.ltm_read_rows + memory.size + n
+        first_slot = cache.get_seq_length(0)
 
         def step(tokens: torch.Tensor, i: int) -> torch.Tensor:
+            if decoder is not None:
+                return decoder.step(tokens, first_slot + i, first_position + i)
             h = self._embed(tokens)
             pos = self._positions(h, first_position + i)
             for layer in self.layers:
@@ -586,6 +584,45 @@ class MPlus(nn.Module):
         new = decode_loop(self._logits(h[:, -1]), step, max_new_tokens, stop_ids=() if eos is None else (eos,),
                           pick=pick)
         return torch.cat([ids, new], dim=1)
+
+    _folded: FoldedAdapters | None = None
+    _decoder: StaticDecoder | None = None
+
+    def _decoder_for(self, batch: int, needed: int, fold_adapter: bool, build: bool = True) -> StaticDecoder | None:
+        """The decoder of a generation of `batch` rows needing `needed` cache slots: the last one if it still fits
+        and its weights are unchanged, else a new one (if `build`; a generation without decode steps only borrows
+        its cache). None in train mode or for adapters it cannot run."""
+        if self.training:
+            return None
+        if not build:
+            decoder = self._decoder
+            usable = (decoder is not None and decoder.fits(batch, needed) and decoder.dtype == self.dtype
+                      and decoder.device == self.device)
+            return decoder if usable else None
+        if fold_adapter and self._folded is None:
+            self._folded = FoldedAdapters()
+        elif not fold_adapter and self._folded is not None:
+            self._folded = None          # the caller chose memory over speed: drop the folded copy
+        try:
+            key = StaticDecoder.identity(self, self.read_adapter, self._folded)
+        except NotImplementedError:
+            return None
+        decoder = self._decoder
+        if decoder is None or decoder.key != key or not decoder.fits(batch, needed):
+            self._decoder = None         # free the old cache (and graph) before allocating the new one
+            capacity = -(-needed // DECODE_SLOTS_ROUNDING) * DECODE_SLOTS_ROUNDING
+            decoder = self._decoder = StaticDecoder(self, batch, capacity, adapter=self.read_adapter,
+                                                    folded=self._folded)
+        return decoder
+
+    def free_decode_state(self) -> None:
+        """Free what `generate` keeps between calls: the folded adapter weights, the decode cache and its graph."""
+        self._folded = self._decoder = None
+
+    def decode_state_bytes(self) -> int:
+        """Bytes `generate` keeps between calls (folded weights and decode cache; `free_decode_state` frees them)."""
+        folded = self._folded.nbytes() if self._folded is not None else 0
+        return folded + (self._decoder.cache_bytes() if self._decoder is not None else 0)
 
     # ---- persistence ------------------------------------------------------------------------------------------
     @classmethod
