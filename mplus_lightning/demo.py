@@ -1,6 +1,6 @@
 """The embedded default (`make demo`): a tiny M+ trained on CPU to store facts in memory and read them back.
 
-    python -m mplus_lightning.demo [--quick] [--out checkpoints/demo] [--data data/generated/demo] [--threads 1]
+    python -m mplus_lightning.demo [--quick] [--out checkpoints/demo] [--data data/generated/demo] [--seed 0]
 
 1. Writes a deterministic synthetic corpus of facts about people (birth city, birth year, employer) and question /
    answer pairs to `data/generated/demo/` (mplus_lightning/data/facts.py), and trains a byte-level BPE tokenizer on
@@ -21,6 +21,13 @@
    model, retention/ with results.json, retention.png and TensorBoard scalars, demo_summary.json).
 
 `--quick` runs the same pipeline at a miniature size (a few steps per stage, a few evaluation items), for tests.
+
+The same command, seed and commit print the same table on every machine with the same kind of CPU, under any load:
+everything random is seeded, and what else chooses how floats are added up is pinned (`PINNED_ENV`). Training
+forms its lookups abruptly after a plateau, so a rounding difference in the first steps can end in another table.
+Run as a program, the demo restarts itself once in the pinned environment when it was not started in it
+(`restart_pinned`), because the kernels and thread pools read these settings when torch starts.
+
 How the recipe (corpus shape, pretrain stage, learning rates, step counts) was found: docs/demo-history.md.
 """
 
@@ -29,19 +36,21 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import time
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 
 from . import config as config_lib
 from .data import facts as facts_lib
 from .data.files import iter_jsonl
+from .progress import Progress
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = (("pretrain", "demo_pretrain.yaml"), ("stage1", "demo_stage1.yaml"), ("stage2", "demo_stage2.yaml"),
@@ -56,6 +65,40 @@ QUICK_STAGE = ["trainer.max_steps=4", "trainer.val_every_n_steps=2", "trainer.va
                "trainer.ckpt_every_n_steps=4", "data.params.val_samples=2"]
 QUICK_PRETRAIN = ["data.params.batch_size=2"]
 QUICK_EVAL = ["num_items=3", "distances=[0,12,48]", "max_new_tokens=2"]
+
+PINNED_THREADS = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+"""One intra-op thread: a sum split over threads adds its parts in another order (measured: two threads changed the
+memory stages' weights within 4 steps), and on a shared 2-core machine two threads that wait for each other's core
+make a step 10-100x slower (40 ms against 0.3-7 s per step under load)."""
+PINNED_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2"}
+"""x86-64 CPUs with AVX2: torch's vectorized kernels and MKL's matrix products pick their code by what the CPU offers
+(AVX-512 where it has it; MKL also blocks by the cache sizes it detects), and each code path rounds differently
+(measured: torch's DEFAULT kernels or MKL's SSE2 branch instead of AVX2 changed the weights from the first stage).
+Pinned to the AVX2 path (MKL's reproducibility mode: fixed cache sizes and reduction order). MKL documents this
+branch as the same on every Intel CPU with AVX2; on other vendors' CPUs it uses its automatic branch, so an Intel
+and an AMD machine may still differ (MKL_CBWR=COMPATIBLE would not, at about twice the matrix-product time)."""
+PINNED_ENV = {**PINNED_THREADS, **PINNED_KERNELS}
+
+
+def pinned_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` with the demo's pins (`PINNED_THREADS`; `PINNED_KERNELS` on CPUs with AVX2) in place of its own values."""
+    pins = dict(PINNED_THREADS)
+    if torch.cpu.get_capabilities().get("avx2", False):
+        pins.update(PINNED_KERNELS)
+    return {**env, **pins}
+
+
+def environment_is_pinned() -> bool:
+    return pinned_environment(os.environ) == dict(os.environ)
+
+
+def restart_pinned(argv: list[str]) -> None:
+    """Replace this process by `python -m mplus_lightning.demo ARGV` in the pinned environment, unless it already
+    runs in it (torch read the settings when it started: changing them now would not reach its kernels)."""
+    if not environment_is_pinned():
+        sys.stdout.flush()
+        os.execve(sys.executable, [sys.executable, "-m", "mplus_lightning.demo", *argv],
+                  pinned_environment(os.environ))
 
 
 def log(msg: str = "") -> None:
@@ -85,35 +128,6 @@ def prepare_data(data_dir: Path, seed: int = 0) -> dict[str, Path]:
 
 
 # ---- 2. training ---------------------------------------------------------------------------------------------------
-class Progress(L.Callback):
-    """One line every `every` steps of a stage: answer loss, validation answer accuracy, time and ETA."""
-
-    def __init__(self, label: str, every: int):
-        self.label, self.every = label, max(1, every)
-        self.t0 = time.perf_counter()
-        self.losses: list[float] = []
-        self.val_acc: float | None = None
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        lm = trainer.callback_metrics.get("train/lm_loss")
-        if lm is not None:
-            self.losses.append(float(lm))
-        step, total = trainer.global_step, trainer.max_steps
-        if step % self.every == 0 or step == total:
-            elapsed = time.perf_counter() - self.t0
-            recent = self.losses[-self.every:]
-            loss = sum(recent) / len(recent) if recent else float("nan")
-            eta = elapsed / step * (total - step) if step else 0.0
-            val = f"  val answer acc {self.val_acc:.2f}" if self.val_acc is not None else ""
-            log(f"  [{self.label}] step {step:>5}/{total}  answer loss {loss:.3f}{val}  "
-                f"{_fmt_s(elapsed)} elapsed, ~{_fmt_s(eta)} left")
-
-    def on_validation_end(self, trainer, pl_module):
-        acc = trainer.callback_metrics.get("val/token_acc")   # facts datamodule: the answer tokens alone
-        if acc is not None:
-            self.val_acc = float(acc)
-
-
 def stage_config(yaml_name: str, out: Path, data_dir: Path, prev: Path | None, extra: list[str]):
     """The stage's run config: experiments/<yaml> with the demo's paths (and `extra` key=value overrides)."""
     overrides = [f"run_dir={out / 'runs'}", f"data.params.corpus={data_dir}",
@@ -220,25 +234,29 @@ def format_table(summary: dict) -> str:
 
 # ---- main ----------------------------------------------------------------------------------------------------------
 def run_demo(out: str | Path = "checkpoints/demo", data: str | Path = "data/generated/demo", *, quick: bool = False,
-             seed: int = 0, threads: int = 1, stage_overrides: list[str] | None = None,
+             seed: int = 0, stage_overrides: list[str] | None = None,
              eval_overrides: list[str] | None = None) -> dict[str, Any]:
-    """The whole demo; returns the summary (also written to <out>/demo_summary.json)."""
+    """The whole demo; returns the summary (also written to <out>/demo_summary.json). Called in a process that was
+    not started in the pinned environment (`PINNED_ENV`), it runs on one thread but with the kernels torch chose."""
     threads_before = torch.get_num_threads()
     try:
-        return _run_demo(Path(out), Path(data), quick=quick, seed=seed, threads=threads,
-                         stage_overrides=stage_overrides, eval_overrides=eval_overrides)
+        return _run_demo(Path(out), Path(data), quick=quick, seed=seed, stage_overrides=stage_overrides,
+                         eval_overrides=eval_overrides)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _run_demo(out: Path, data_dir: Path, *, quick: bool, seed: int, threads: int, stage_overrides: list[str] | None,
+def _run_demo(out: Path, data_dir: Path, *, quick: bool, seed: int, stage_overrides: list[str] | None,
               eval_overrides: list[str] | None) -> dict[str, Any]:
     t_start = time.perf_counter()
-    # One intra-op thread: the matrices are tiny, and on a shared 2-core machine two OpenMP threads that wait for
-    # each other's core make a step 10-100x slower (measured: 40 ms vs 0.3-7 s per step under load).
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)   # PINNED_THREADS, also when called in a process started with more
     _quiet()
     timings: dict[str, float] = {}
+    environment = {k: os.environ.get(k) for k in PINNED_ENV}
+    settings = ", ".join(f"{k}={v}" for k, v in environment.items() if v is not None) or "none of PINNED_ENV"
+    log(f"pinned for a reproducible table: {settings}" if environment_is_pinned() else
+        f"NOT in the pinned environment ({settings}): the table may differ from another run's; "
+        "`python -m mplus_lightning.demo` pins it")
 
     log(f"== 1/4 data: facts corpus and tokenizer -> {data_dir}")
     t = time.perf_counter()
@@ -276,6 +294,8 @@ def _run_demo(out: Path, data_dir: Path, *, quick: bool, seed: int, threads: int
     summary["files"] = {"results": str(Path(ecfg.out) / "results.json"), "plot": str(Path(ecfg.out) / "retention.png"),
                         "tensorboard": str(out), "model": str(prev), "data": str(data_dir)}
     summary["quick"] = quick
+    summary["environment"] = {**environment, "torch": torch.__version__,
+                              "cpu": torch.cpu.get_capabilities().get("cpu_name")}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
 
     log(f"== 4/4 results: {summary['num_items']} held-out facts; short-term pool N={summary['N']} rows/layer, "
@@ -317,15 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="data/generated/demo", help="generated corpus and tokenizer")
     p.add_argument("--quick", action="store_true", help="miniature run (a few steps, a few items): a smoke test")
     p.add_argument("--seed", type=int, default=0, help="corpus seed")
-    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1, see run_demo)")
     p.add_argument("--train", nargs="*", default=[], metavar="key=value",
                    help="overrides for every training stage, e.g. trainer.max_steps=100")
     p.add_argument("--eval", nargs="*", default=[], metavar="key=value",
                    help="overrides for the retention evaluation, e.g. num_items=50")
     args = p.parse_args(argv)
     try:
-        summary = run_demo(args.out, args.data, quick=args.quick, seed=args.seed, threads=args.threads,
-                           stage_overrides=args.train, eval_overrides=args.eval)
+        summary = run_demo(args.out, args.data, quick=args.quick, seed=args.seed, stage_overrides=args.train,
+                           eval_overrides=args.eval)
     except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -333,4 +352,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    restart_pinned(sys.argv[1:])   # before anything runs: a restart starts torch afresh
     sys.exit(main())

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from mplus_lightning import config as C
 from mplus_lightning.data import facts as F
-from mplus_lightning.eval.data.retention import load_retention_set
+from mplus_lightning.data.eval_sets.retention import load_retention_set
 
 ROOT = Path(__file__).parents[1]
 
@@ -263,6 +263,11 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path, capsys):
     assert set(summary["timings_s"]) == {"data", "pretrain", "stage1", "stage2", "ltm", "eval"}
     for needle in ("distance (tokens)", "MemoryLLM mode", "target:", "retention.png", "[ltm] step", "[pretrain] step"):
         assert needle in out, needle
+    # called in this process, the demo cannot pin torch's kernels: it says whether the environment was pinned
+    pinned = demo.environment_is_pinned()
+    assert ("pinned for a reproducible table" in out) == pinned
+    assert ("NOT in the pinned environment" in out) == (not pinned)
+    assert saved["environment"]["torch"] == torch.__version__
 
 
 def test_newest_fact_answers_counts_answers_taken_from_the_latest_distractor(corpus_dir, tmp_path):
