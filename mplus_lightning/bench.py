@@ -47,8 +47,7 @@ from typing import Any, Callable
 
 import torch
 
-from .model import profiling
-from .model import retriever as retriever_module
+from .model import profiling, retriever as retriever_module
 from .model.configuration import MPlusConfig
 from .model.memory import LongTermMemory, MemoryState
 from .model.mplus import MPlus
@@ -441,7 +440,7 @@ def bench_retrieval(shape: Shape, device: torch.device, dtype: torch.dtype, repe
         store_rss_growth = rss_bytes() - rss0
         _, keys, ages = ltm.view(0)
 
-        def retrieve():
+        def retrieve(keys=keys, ages=ages):   # bound now: the loop deletes these names before the next size
             return select_oldest_first(mean_sigmoid_scores(queries, keys), ages, k0)
 
         clock.time(retrieve)                          # warm-up
@@ -452,7 +451,7 @@ def bench_retrieval(shape: Shape, device: torch.device, dtype: torch.dtype, repe
             raise RuntimeError(f"retrieval returned {tuple(idx.shape)}")
         scores_out = torch.empty(1, n, M, dtype=dtype, device=device)
 
-        def gemm():
+        def gemm(keys=keys, scores_out=scores_out):
             return torch.matmul(queries, keys.t(), out=scores_out)
 
         clock.time(gemm)                              # warm-up; touches the output pages
@@ -593,7 +592,6 @@ REGIONS = {
     "read_prefix": None,
     "retrieval.scores": "read_prefix",
     "retrieval.select": "read_prefix",
-    "mask": None,
     "attention": None,
     "mlp": None,
     "lm_head": None,
@@ -608,8 +606,7 @@ HOOKED_REGIONS = {"attention": "self_attn", "mlp": "mlp"}
 REGION_DOCS = {
     "memory_kv": "RMSNorm + k/v projection (+ LoRA) + RoPE of the memory prefix rows (BOS, retrieved LTM, STM)",
     "read_prefix": "building a layer's read prefix: retrieval, gather of K0 rows, concatenation with the STM",
-    "mask": "bottom-right causal mask, rebuilt in every layer",
-    "attention": "q/k/v/o projections (+ LoRA), RoPE, SDPA over prefix + tokens (real tokens only)",
+    "attention": "q/k/v/o projections (+ LoRA), RoPE, attention over prefix + tokens without a mask (real tokens)",
     "mlp": "gate/up/down (+ LoRA) on the real tokens",
     "lm_head": "final norm + lm_head",
     "commit": "eviction, fixed-slot write, LTM append (incl. f_k keys of the evicted rows)",

@@ -2,14 +2,22 @@
 
 For each step kind of the training step (full-context, revisit, multi-chunk, multi-chunk of a one-chunk document,
 single-chunk) it times whole optimizer steps (forward, backward, AdamW) of the stage-3 module at the given shape, and
-counts the FLOPs of every forward and backward the step runs (torch.utils.flop_counter: matmuls and attention).
-Beside them, a plain transformers LlamaForCausalLM training step of the same shape on the same machine in the same
-run (all weights trainable, one sequence as long as the M+ step's real tokens). Figures are achieved FLOP/s and their
-ratio to the plain step's; the target is >= 0.8.
+counts the FLOPs of every forward and backward the step runs (torch.utils.flop_counter). Beside them, a plain
+transformers LlamaForCausalLM training step of the same shape on the same machine in the same run (all weights
+trainable, one sequence as long as the M+ step's real tokens). Figures are achieved FLOP/s and their ratio to the plain
+step's (`ratio_to_plain_llama`); the target is >= 0.8. Timings are medians of the repeats; the JSON records the load
+average before and after (a shared machine inflates them).
+
+torch's counter has no formula for the CPU attention kernels, so `flops` holds the matmuls only (on CPU: projections,
+MLP, LoRA, lm_head, retrieval scores), and an M+ step's attention over thousands of memory keys is time without FLOPs.
+`attention_flops` counts those kernels' work, per score a query sees (bottom-right causal over prefix + tokens, causal
+for the plain step; 4 FLOPs per score and head dimension forward, 8 backward, as torch counts SDPA on GPU), and
+`ratio_with_attention_to_plain_llama` compares the rates with it on both sides.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from typing import Any
@@ -77,13 +85,54 @@ def _time(fn, repeats: int, warmup: int = 1) -> list[float]:
     return out
 
 
-def _flops(fn) -> int:
-    with FlopCounterMode(display=False) as counter:
+def _visible_scores(query: torch.Tensor, key: torch.Tensor, is_causal: bool, attn_mask) -> int:
+    """Scores of a CPU attention call that a query sees: all, top-left causal, or those its mask leaves visible."""
+    B, H, n, _ = query.shape
+    S = key.shape[2]
+    if attn_mask is not None:
+        visible = attn_mask if attn_mask.dtype == torch.bool else attn_mask > torch.finfo(attn_mask.dtype).min / 2
+        return int(visible.expand(B, H, n, S).sum())
+    if is_causal:   # row i sees keys 0 .. i
+        return B * H * (min(n, S) * (min(n, S) + 1) // 2 + max(0, n - S) * S)
+    return B * H * n * S
+
+
+def _cpu_attention_flops(query, key, value, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None,
+                         out_val=None) -> int:
+    return 4 * query.shape[-1] * _visible_scores(query, key, is_causal, attn_mask)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, out, logsumexp, dropout_p=0.0, is_causal=False, *,
+                                  attn_mask=None, scale=None, out_val=None) -> int:
+    return 8 * query.shape[-1] * _visible_scores(query, key, is_causal, attn_mask)
+
+
+_cpu_attention_flops._get_raw = True              # FlopCounterMode passes these the tensors, not their shapes
+_cpu_attention_backward_flops._get_raw = True
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+}
+
+
+def _flops(fn) -> tuple[int, int]:
+    """(FLOPs torch's counter counts, FLOPs of the CPU attention kernels it does not) of one call of fn."""
+    with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
         fn()
-    return int(counter.get_total_flops())
+    per_op = counter.get_flop_counts()["Global"]
+    attention = sum(per_op.get(op, 0) for op in CPU_ATTENTION_FLOPS)
+    return int(counter.get_total_flops()) - attention, int(attention)
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def run_training(shape, threads: int = 2, repeats: int = 3) -> dict[str, Any]:
+    load_start = _load_average()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     module = _module(shape)
@@ -100,11 +149,12 @@ def run_training(shape, threads: int = 2, repeats: int = 3) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             return result.tokens
         tokens = step()                       # warm-up; also gives the real tokens of this kind
-        flops = _flops(step)
+        flops, attention_flops = _flops(step)
         secs = _time(step, repeats, warmup=0)
         med = statistics.median(secs)
         kinds[kind] = {"seconds": med, "seconds_all": secs, "tokens": tokens, "flops": flops,
-                       "flops_per_s": flops / med, "tokens_per_s": tokens / med}
+                       "flops_per_s": flops / med, "tokens_per_s": tokens / med, "attention_flops": attention_flops,
+                       "flops_per_s_with_attention": (flops + attention_flops) / med}
 
     # the plain HF Llama step, same shape, as long as the longest M+ step's tokens
     hf = LlamaForCausalLM(module.model.llama.config)
@@ -118,17 +168,21 @@ def run_training(shape, threads: int = 2, repeats: int = 3) -> dict[str, Any]:
         hf_opt.zero_grad(set_to_none=True)
 
     hf_step()
-    hf_flops = _flops(hf_step)
+    hf_flops, hf_attention_flops = _flops(hf_step)
     hf_secs = _time(hf_step, repeats, warmup=0)
     hf_rate = hf_flops / statistics.median(hf_secs)
+    hf_rate_with_attention = (hf_flops + hf_attention_flops) / statistics.median(hf_secs)
     for k in kinds.values():
         k["ratio_to_plain_llama"] = k["flops_per_s"] / hf_rate
+        k["ratio_with_attention_to_plain_llama"] = k["flops_per_s_with_attention"] / hf_rate_with_attention
     return {
         "shape": shape.name, "threads": threads, "repeats": repeats, "context_chunks": CONTEXT_CHUNKS,
         "chunk_tokens": shape.chunk_tokens, "target_tokens": shape.prompt_tokens, "ltm_rows": shape.ltm_rows,
         "kinds": kinds,
         "plain_llama": {"tokens": T, "seconds": statistics.median(hf_secs), "seconds_all": hf_secs,
-                        "flops": hf_flops, "flops_per_s": hf_rate},
+                        "flops": hf_flops, "flops_per_s": hf_rate, "attention_flops": hf_attention_flops,
+                        "flops_per_s_with_attention": hf_rate_with_attention},
         "target": "each kind's flops_per_s >= 0.8 x plain_llama.flops_per_s",
         "torch": torch.__version__,
+        "load_average_start": load_start, "load_average_end": _load_average(), "cpu_count": os.cpu_count(),
     }

@@ -138,3 +138,27 @@ def test_training_benchmark_reports_every_step_kind_and_the_plain_step(tmp_path)
     # a multi-chunk step writes 4 chunks before reading: more tokens than a single-chunk step
     assert result["kinds"]["multi"]["tokens"] > result["kinds"]["single"]["tokens"]
     assert result["plain_llama"]["flops"] > 0
+    # the CPU attention kernels, which torch's counter leaves out, are counted beside it
+    assert result["plain_llama"]["attention_flops"] > 0
+    for kind in result["kinds"].values():
+        assert kind["attention_flops"] > 0 and math.isfinite(kind["ratio_with_attention_to_plain_llama"])
+    assert len(result["load_average_start"]) == 3
+
+
+def test_training_benchmark_counts_the_attention_a_query_sees():
+    import torch.nn.functional as F
+
+    from mplus_lightning.bench_training import _flops
+    from mplus_lightning.model.attention import memory_attention
+
+    n, prefix, dim, heads = 10, 20, 4, 8
+    q = torch.randn(1, heads, n, dim, requires_grad=True)
+    k = torch.randn(1, heads // 2, prefix + n, dim, requires_grad=True)
+    visible = heads * (n * prefix + n * (n + 1) // 2)             # every prefix row, then causal over the tokens
+    expected = (4 + 8) * dim * visible                            # forward + backward
+    assert _flops(lambda: memory_attention(q, k, k).sum().backward()) == (0, expected)
+    # the masked attention it replaced does the hidden scores too, but is credited the same work
+    i, j = torch.arange(n)[:, None], torch.arange(prefix + n)[None]
+    mask = torch.zeros(n, prefix + n).masked_fill_(j > i + prefix, torch.finfo(torch.float32).min)
+    kk = k.repeat_interleave(2, dim=1)
+    assert _flops(lambda: F.scaled_dot_product_attention(q, kk, kk, attn_mask=mask).sum().backward()) == (0, expected)

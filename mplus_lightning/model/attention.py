@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.backends.cuda import SDPAParams, can_use_flash_attention
 from torch.nn.attention.bias import causal_lower_right
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
 
@@ -50,11 +51,20 @@ def memory_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
                                               enable_gqa=grouped)
     if device_type == "cpu" and dropout == 0.0 and _HAS_CPU_FLASH:
         return _PrefixThenCausalCPU.apply(query, key, value, query.shape[-1] ** -0.5 if scale is None else scale)
-    if grouped:   # the fused kernels behind the bias take equal head counts
+    if grouped and not _flash_reads_grouped_heads(query, key, value, dropout):
         group = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+        grouped = False
     return F.scaled_dot_product_attention(query, key, value, attn_mask=causal_lower_right(n, total),
-                                          dropout_p=dropout, scale=scale)
+                                          dropout_p=dropout, scale=scale, enable_gqa=grouped)
+
+
+def _flash_reads_grouped_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
+    """Whether SDPA's flash kernel (CUDA, 16-bit) runs on these fewer K/V heads as they are; the memory-efficient
+    kernel, the other one behind `causal_lower_right`, needs them repeated to one per query head."""
+    if query.device.type != "cuda":
+        return False
+    return can_use_flash_attention(SDPAParams(query, key, value, None, dropout, False, True))
 
 
 def _fold_groups(x: torch.Tensor, kv_heads: int) -> torch.Tensor:
