@@ -228,6 +228,19 @@ def _validate(cfg: RunConfig) -> None:
         problems.append(f"model.num_ltm_blocks: {cfg.stage} trains MemoryLLM (0); long-term memory is stage ltm")
     if s.retriever_loss and not cfg.model.add_selector:
         problems.append("step.retriever_loss: needs model.add_selector=true")
+    o = cfg.optim
+    for key in ("lr", "selector_lr"):
+        if not getattr(o, key) > 0:
+            problems.append(f"optim.{key}: {getattr(o, key)} must be > 0")
+    if not o.weight_decay >= 0:
+        problems.append(f"optim.weight_decay: {o.weight_decay} must be >= 0")
+    if cfg.trainer.ckpt_every_n_steps < 1:
+        problems.append(f"trainer.ckpt_every_n_steps: {cfg.trainer.ckpt_every_n_steps} must be >= 1 (a checkpoint "
+                        "every N steps; set it above trainer.max_steps for one at the end only)")
+    if cfg.model.lora_r < 1:
+        problems.append(f"model.lora_r: {cfg.model.lora_r} must be >= 1 (the LoRA rank)")
+    if not cfg.model.lora_alpha > 0:
+        problems.append(f"model.lora_alpha: {cfg.model.lora_alpha} must be > 0")
     if cfg.trainer.strategy not in ("auto", "fsdp2", "ddp"):
         problems.append(f"trainer.strategy: {cfg.trainer.strategy!r} is not auto|fsdp2|ddp")
     if problems:

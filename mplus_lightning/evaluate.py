@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 from .eval.config import TASKS, ConfigError, describe_fields, load_config, to_yaml
@@ -63,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument("--overwrite", action="store_true", default=None, help="discard earlier results in --out")
         s.add_argument("--no-progress", dest="progress", action="store_false", default=None,
                        help="no progress bars")
+        s.add_argument("--debug", action="store_true",
+                       help="show the traceback of a config or input error (also MPLUS_DEBUG=1)")
         s.add_argument("--print-config", action="store_true",
                        help="print the resolved config as YAML, each key under its docstring, and exit")
         s.add_argument("--describe", nargs="?", const="", metavar="KEY",
@@ -90,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         result = run(args.task, cfg)
     except (ConfigError, FileNotFoundError, ValueError) as e:   # DataFormatError and EvalInputError are ValueErrors
+        if args.debug or os.environ.get("MPLUS_DEBUG") == "1":
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     from lightning.fabric.utilities.rank_zero import rank_zero_only  # here: `--help` and errors stay light

@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import inspect
 import logging
+import os
 import shutil
 import sys
 import time
@@ -31,6 +32,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from . import checkpointing as ck, config as config_lib, progress
 from .checkpointing import CheckpointError, NonFiniteError
 from .config import DATAMODULES, ConfigError, RunConfig  # noqa: F401 (DATAMODULES: the data kinds, re-exported)
+from .model.tensor_files import DamagedFileError
 from .stages import module_for
 from .stages.build import built_config
 from .stages.step import max_over_ranks
@@ -341,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file (see experiments/); required unless --describe")
     parser.add_argument("--print-config", action="store_true",
                         help="print the resolved config as YAML, each key under its docstring, and exit")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of a config or input error (also MPLUS_DEBUG=1)")
     parser.add_argument("--describe", nargs="?", const="", metavar="GROUP",
                         help="print every config key (or those of GROUP: model, data, step, optim, trainer, or one "
                              "key such as optim.lr) with its type, default and meaning, and exit")
@@ -364,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_lib.load(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
+        if args.debug or os.environ.get("MPLUS_DEBUG") == "1":
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.print_config:
@@ -371,7 +377,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         run(cfg)
-    except (ConfigError, FileNotFoundError, FloatingPointError) as e:
+    except (ConfigError, FileNotFoundError, FloatingPointError, DamagedFileError) as e:
+        if args.debug or os.environ.get("MPLUS_DEBUG") == "1":
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

@@ -119,3 +119,101 @@ def test_an_unsupported_transformers_is_named_with_the_fix():
     for version in ("5.17.0", "6.0.0"):
         with pytest.raises(ImportError, match=r"transformers>=5.24,<6 \(found " + version.replace(".", r"\.")):
             _check_transformers(version)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("optim.lr=-1", "optim.lr"), ("optim.selector_lr=0", "optim.selector_lr"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay"), ("trainer.ckpt_every_n_steps=0", "trainer.ckpt_every_n_steps"),
+    ("model.lora_r=0", "model.lora_r"), ("model.lora_alpha=0", "model.lora_alpha"),
+])
+def test_out_of_range_run_config_values_name_the_key(override, key):
+    from mplus_lightning import config as config_lib
+    from mplus_lightning.typed_config import ConfigError
+
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ": "):
+        config_lib.load(None, ["name=t", override])
+
+
+def test_stage_check_is_a_config_error_naming_the_keys():
+    from mplus_lightning import config as config_lib
+    from mplus_lightning.stages.stages import Stage2Module
+    from mplus_lightning.typed_config import ConfigError
+
+    tiny = FIXTURES.parents[2] / "experiments" / "tiny.yaml"
+    cfg = config_lib.load(tiny, ["stage=stage2", "model.add_selector=true", "step.retriever_loss=false"])
+    with pytest.raises(ConfigError, match="step.retriever_loss=true"):
+        Stage2Module.check_stage(object.__new__(Stage2Module), cfg)
+    cfg = config_lib.load(tiny, ["stage=stage1"])
+    with pytest.raises(ConfigError, match="stage: .*stage=stage1"):
+        Stage2Module.check_stage(object.__new__(Stage2Module), cfg)
+
+
+def test_memory_snapshot_with_a_short_ages_row_names_the_file_and_shapes(tmp_path, model_and_memory):
+    from safetensors.torch import load_file, save_file
+
+    from mplus_lightning.model.memory import MemoryFileError
+
+    _, mem = model_and_memory
+    mem.save(tmp_path)
+    file = next(tmp_path.glob("*.safetensors"))
+    sd = load_file(str(file))
+    sd["ages"] = sd["ages"][:-1].contiguous()
+    save_file(sd, str(file))
+    with pytest.raises(MemoryFileError, match=r"memory\.safetensors: `ages` has shape \(\d+, \d+\) but `rows` has"):
+        MemoryState.load(tmp_path)
+    sd = load_file(str(file))
+    sd["ages"] = sd["ranks"].clone()
+    sd["ltm_ages"] = sd["ltm_ages"][:-1].contiguous()   # one layer short
+    save_file(sd, str(file))
+    with pytest.raises(MemoryFileError, match="`ltm_ages` has shape"):
+        MemoryState.load(tmp_path)
+
+
+def test_later_stage_without_init_from_names_init_from(caplog):
+    import logging
+
+    from mplus_lightning import config as config_lib
+    from mplus_lightning.stages.build import build_model
+    from mplus_lightning.typed_config import ConfigError
+
+    ltm = FIXTURES.parents[2] / "experiments" / "tiny_ltm.yaml"
+    cfg = config_lib.load(ltm, ["init_from=null", "model.init=llama"])
+    with pytest.raises(ConfigError, match="^init_from: stage ltm"):
+        build_model(cfg)
+    cfg = config_lib.load(ltm, ["init_from=null"])
+    with caplog.at_level(logging.WARNING, logger="mplus_lightning.stages.build"):
+        build_model(cfg)
+    assert "stage ltm starts from random weights: init_from is not set" in caplog.text
+
+
+def test_truncated_weights_name_the_file_and_the_fix(tmp_path):
+    from mplus_lightning.model.tensor_files import DamagedFileError
+
+    bad = tmp_path / "bad"
+    shutil.copytree(FIXTURES / "mplus-tiny", bad)
+    weights = bad / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DamagedFileError, match=r"model\.safetensors is damaged or truncated .*re-export or re-down"):
+        MPlus.from_pretrained(bad)
+
+
+def test_debug_shows_the_traceback_of_a_user_error(monkeypatch, capsys):
+    from mplus_lightning import evaluate, fit
+    from mplus_lightning.typed_config import ConfigError
+
+    tiny = str(FIXTURES.parents[2] / "experiments" / "tiny.yaml")
+    monkeypatch.delenv("MPLUS_DEBUG", raising=False)
+    assert fit.main(["--config", tiny, "optim.lr=-1"]) == 2
+    assert "error: invalid config:" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="optim.lr"):
+        fit.main(["--debug", "--config", tiny, "optim.lr=-1"])
+    monkeypatch.setenv("MPLUS_DEBUG", "1")
+    with pytest.raises(ConfigError, match="optim.lr"):
+        fit.main(["--config", tiny, "optim.lr=-1"])
+    with pytest.raises(ConfigError):
+        evaluate.main(["cost", "no_such_key=1"])
+    monkeypatch.delenv("MPLUS_DEBUG")
+    assert evaluate.main(["cost", "no_such_key=1"]) == 2
+    with pytest.raises(ConfigError):
+        evaluate.main(["cost", "--debug", "no_such_key=1"])

@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .configuration import MPlusConfig
 from .profiling import region
 from .retriever import mean_sigmoid_scores, select_oldest_first
-from .tensor_files import read_tensors, weight_files
+from .tensor_files import DamagedFileError, read_tensors, weight_files
 
 MEMORY_FILE = "memory.safetensors"
 MEMORY_META = "memory.json"
@@ -68,6 +69,10 @@ def _to_host(t: torch.Tensor, dtype: torch.dtype | None, pinned: bool) -> torch.
     out = _host_buffer(t.shape, dtype, pinned)
     out.copy_(t)
     return out
+
+
+class MemoryFileError(DamagedFileError):
+    """A saved memory whose tensors are missing or disagree in shape: names the file and the tensors."""
 
 
 class LongTermMemory:
@@ -534,17 +539,34 @@ class MemoryState:
                 "ltm_capacity": self.ltm.capacity if self.ltm is not None else None}
 
     @classmethod
-    def from_state_dict(cls, sd: dict[str, torch.Tensor], meta: dict) -> "MemoryState":
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], meta: dict, source: str = "memory snapshot"
+                        ) -> "MemoryState":
         missing = {"rows", "ranks", "ages"} - set(sd)
         if missing:
-            raise ValueError(f"memory snapshot lacks {sorted(missing)}")
+            raise MemoryFileError(f"{source} lacks {sorted(missing)}")
+        rows_shape = tuple(sd["rows"].shape)
+        if len(rows_shape) != 3:
+            raise MemoryFileError(f"{source}: `rows` has shape {rows_shape}, expected [layers, rows, hidden]")
+        for name in ("ranks", "ages"):
+            if tuple(sd[name].shape) != rows_shape[:2]:
+                raise MemoryFileError(f"{source}: `{name}` has shape {tuple(sd[name].shape)} but `rows` has "
+                                      f"{rows_shape}: `{name}` must be {list(rows_shape[:2])}; the snapshot is "
+                                      "damaged, save it again")
+        if "ltm_rows" in sd:
+            ltm_shape = tuple(sd["ltm_rows"].shape)
+            for name, want in (("ltm_keys", ltm_shape[:2]), ("ltm_ages", ltm_shape[:2])):
+                got = tuple(sd[name].shape) if name in sd else None
+                if got is None or got[:2] != want or (name == "ltm_ages" and len(got) != 2):
+                    raise MemoryFileError(f"{source}: `{name}` has shape {got} but `ltm_rows` has {ltm_shape}: "
+                                          f"`{name}` must start with {list(want)}; the snapshot is damaged, "
+                                          "save it again")
         ltm = None
         if "ltm_rows" in sd:
             ltm = LongTermMemory.from_tensors(sd["ltm_rows"], sd["ltm_keys"], sd["ltm_ages"], meta["ltm_capacity"])
         rows, ranks = sd["rows"], sd["ranks"].long()
         if ranks.shape != rows.shape[:2] or not torch.equal(ranks.sort(dim=1).values,
                                                             torch.arange(rows.shape[1]).expand_as(ranks)):
-            raise ValueError("memory snapshot is corrupt: `ranks` is not a permutation of 0..N-1 in every layer")
+            raise MemoryFileError(f"{source} is corrupt: `ranks` is not a permutation of 0..N-1 in every layer")
         return cls(rows=rows, ranks=ranks, ages=sd["ages"].long(), num_tokens=int(meta["num_tokens"]), ltm=ltm,
                    initialized=bool(meta.get("initialized", True)))
 
@@ -565,7 +587,11 @@ class MemoryState:
         meta = json.loads(meta_path.read_text())
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{meta_path}: format_version {meta.get('format_version')}, expected {FORMAT_VERSION}")
-        return cls.from_state_dict(load_file(str(file)), meta)
+        try:
+            sd = load_file(str(file))
+        except SafetensorError as e:
+            raise MemoryFileError(f"{file} is damaged or truncated ({e}): save the memory again") from None
+        return cls.from_state_dict(sd, meta, source=str(file))
 
     @staticmethod
     def saved_in(path: str | Path) -> bool:
@@ -607,6 +633,14 @@ class MemoryState:
                 ages = torch.stack([t[f"ltm_ages.{l}"] for l in range(L)]).round().long()
             except KeyError as e:
                 raise ValueError(f"{path}: M+ checkpoint lacks long-term tensor {e}") from None
+            except RuntimeError:
+                shapes = {k: tuple(t[k].shape) for k in names if k.startswith(("ltm.", "ltm_keys.", "ltm_ages."))}
+                raise MemoryFileError(f"{path}: the long-term tensors disagree in shape across layers ({shapes}); "
+                                      "re-download or re-export the checkpoint") from None
+            if keys.shape[:2] != ltm_rows.shape[:2] or ages.shape != ltm_rows.shape[:2]:
+                raise MemoryFileError(f"{path}: `ltm_keys.*` {tuple(keys.shape)} / `ltm_ages.*` {tuple(ages.shape)} "
+                                      f"do not match `ltm.*` {tuple(ltm_rows.shape)}; re-download or re-export the "
+                                      "checkpoint")
             ltm = LongTermMemory.from_tensors(ltm_rows, keys, ages, max(config.ltm_capacity, ltm_rows.shape[1]))
         initialized = bool(t["initialized"].item()) if "initialized" in t else True
         return cls.from_rows(rows, config.num_tokens, ltm=ltm, initialized=initialized)

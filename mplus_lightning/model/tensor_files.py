@@ -8,10 +8,21 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
+
+
+class DamagedFileError(ValueError):
+    """A saved file that cannot be read as written (truncated, tensors of disagreeing shapes): names the file."""
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), "pt")
+    except SafetensorError as e:
+        raise DamagedFileError(f"{file} is damaged or truncated ({e}): re-export or re-download it") from None
 
 
 def weight_files(path: str | Path) -> dict[str, Path]:
@@ -32,7 +43,7 @@ def weight_files(path: str | Path) -> dict[str, Path]:
     single = path / WEIGHTS
     if not single.is_file():
         raise FileNotFoundError(f"{path} has neither {WEIGHTS} nor {INDEX}")
-    with safe_open(str(single), "pt") as f:
+    with _open(single) as f:
         return {k: single for k in f.keys()}
 
 
@@ -43,7 +54,11 @@ def read_tensors(files: dict[str, Path], keys: Iterable[str]) -> dict[str, torch
         by_file.setdefault(files[k], []).append(k)
     out = {}
     for file, names in by_file.items():
-        with safe_open(str(file), "pt") as f:
+        with _open(file) as f:
             for k in names:
-                out[k] = f.get_tensor(k)
+                try:
+                    out[k] = f.get_tensor(k)
+                except SafetensorError as e:
+                    raise DamagedFileError(f"{file}: tensor {k} cannot be read ({e}): re-export or re-download "
+                                           "the file") from None
     return out

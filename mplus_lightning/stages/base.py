@@ -19,7 +19,7 @@ import torch
 
 from .. import checkpointing as ck
 from ..checkpointing import CheckpointError, NonFiniteError
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from ..model import MemoryState, MPlus
 from ..progress import TrainingCurves
 from .build import build_model, initial_memory
@@ -58,7 +58,8 @@ class TrainingRecipe:
 
     def check_stage(self, cfg: RunConfig) -> None:
         if cfg.stage != self.stage:
-            raise ValueError(f"{type(self).__name__} trains {self.stage}, config says stage={cfg.stage}")
+            raise ConfigError(f"stage: {type(self).__name__} trains stage={self.stage}, the config says "
+                              f"stage={cfg.stage}")
 
     def configure_optimizers(self):
         """AdamW over the groups main (optim.lr) and selector (optim.selector_lr, when the retriever trains), both at

@@ -49,7 +49,14 @@ def _build_weights(cfg: RunConfig) -> MPlus:
     if cfg.init_from:
         return _from_previous_stage(cfg, _require_dir(cfg.init_from, "init_from"))
     m = cfg.model
+    later_stage = cfg.stage in ("stage2", "ltm")
+    if later_stage and m.init in ("llama", "pretrained") and not m.path:
+        raise ConfigError(f"init_from: stage {cfg.stage} continues the previous stage: set init_from=<its export "
+                          "directory> (or model.path for model.init=" + m.init + ")")
     if m.init == "tiny":
+        if later_stage:
+            log.warning("stage %s starts from random weights: init_from is not set (set init_from=<the previous "
+                        "stage's export> to continue it)", cfg.stage)
         return MPlus(m.to_mplus_config())
     if m.init == "llama":
         path = _require_dir(m.path, "model.path (a local HF Llama directory, e.g. Llama-3.1-8B)")

@@ -3,7 +3,7 @@ the stage names."""
 
 from __future__ import annotations
 
-from ..config import RunConfig
+from ..config import ConfigError, RunConfig
 from .base import MemoryTrainingModule
 from .pretrain import PretrainModule
 
@@ -22,7 +22,7 @@ class Stage2Module(MemoryTrainingModule):
     def check_stage(self, cfg: RunConfig) -> None:
         super().check_stage(cfg)
         if not (cfg.model.add_selector and cfg.step.retriever_loss):
-            raise ValueError("stage2 trains the retriever: set model.add_selector=true and step.retriever_loss=true")
+            raise ConfigError("stage2 trains the retriever: set model.add_selector=true and step.retriever_loss=true")
 
 
 class LtmModule(MemoryTrainingModule):
@@ -33,7 +33,7 @@ class LtmModule(MemoryTrainingModule):
     def check_stage(self, cfg: RunConfig) -> None:
         super().check_stage(cfg)
         if cfg.model.num_ltm_blocks < 1:
-            raise ValueError("stage ltm needs model.num_ltm_blocks >= 1")
+            raise ConfigError("model.num_ltm_blocks: stage ltm needs >= 1 (a long-term memory)")
 
 
 def module_for(stage: str):
