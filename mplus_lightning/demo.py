@@ -239,11 +239,14 @@ def run_demo(out: str | Path = "checkpoints/demo", data: str | Path = "data/gene
     """The whole demo; returns the summary (also written to <out>/demo_summary.json). Called in a process that was
     not started in the pinned environment (`PINNED_ENV`), it runs on one thread but with the kernels torch chose."""
     threads_before = torch.get_num_threads()
+    levels_before = {name: logging.getLogger(name).level for name in QUIETED_LOGGERS}
     try:
         return _run_demo(Path(out), Path(data), quick=quick, seed=seed, stage_overrides=stage_overrides,
                          eval_overrides=eval_overrides)
     finally:
         torch.set_num_threads(threads_before)
+        for name, level in levels_before.items():   # a caller in the same process gets its logs back
+            logging.getLogger(name).setLevel(level)
 
 
 def _run_demo(out: Path, data_dir: Path, *, quick: bool, seed: int, stage_overrides: list[str] | None,
@@ -319,10 +322,14 @@ def _run_demo(out: Path, data_dir: Path, *, quick: bool, seed: int, stage_overri
     return summary
 
 
+QUIETED_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "mplus_lightning.fit",
+                   "mplus_lightning.stages.build")
+"""Loggers the demo keeps at WARNING while it runs (its own progress lines say what happens)."""
+
+
 def _quiet() -> None:
     """Keep the demo's output to its own progress lines (Lightning's banner and tips, known deprecations)."""
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "mplus_lightning.fit",
-                 "mplus_lightning.stages.build"):
+    for name in QUIETED_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")

@@ -14,6 +14,15 @@ LABELS = {"mplus": "M+ (long-term memory on)", "memoryllm": "MemoryLLM mode (lon
           "window": "backbone, plain window"}
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Lay out, write as PNG and close (matplotlib keeps every open figure alive)."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def retention_plot(results: dict, path: str | Path) -> Path:
     """Accuracy (exact hit) and QA-F1 against tokens injected after the context, one line per mode, plus the
     no-context borderline and the theoretical short-term decay curve."""
@@ -37,11 +46,7 @@ def retention_plot(results: dict, path: str | Path) -> Path:
     axes[0].legend(fontsize=7)
     fig.suptitle(f"Knowledge retention: {results.get('dataset', '')}, {results.get('num_items', '?')} items, "
                  f"{Path(str(results.get('model', ''))).name}")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def cost_plot(rows: list[dict], path: str | Path, device: str = "") -> Path:
@@ -61,11 +66,7 @@ def cost_plot(rows: list[dict], path: str | Path, device: str = "") -> Path:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle(f"Cost of one long input {('on ' + device) if device else ''}")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def recall_plot(results: dict, path: str | Path) -> Path:
@@ -98,11 +99,7 @@ def recall_plot(results: dict, path: str | Path) -> Path:
         ax.legend(fontsize=8)
     fig.suptitle(f"Retriever recall: {results.get('dataset', '')}, {results.get('num_items', '?')} items, "
                  f"{Path(str(results.get('model', ''))).name}")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def position_loss_plot(results: dict, path: str | Path) -> Path:
@@ -117,11 +114,7 @@ def position_loss_plot(results: dict, path: str | Path) -> Path:
     ax.legend(fontsize=8)
     ax.set_title(f"Loss by position: {results['num_documents']} documents, chunks of {results['chunk_tokens']} "
                  "tokens scored before they are written")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def short_context_plot(results: dict, path: str | Path) -> Path:
@@ -137,8 +130,4 @@ def short_context_plot(results: dict, path: str | Path) -> Path:
         ax.grid(alpha=0.3, axis="y")
     fig.suptitle(f"Short inputs (<= {results['max_tokens']} tokens): {results['num_documents']} documents, "
                  f"{Path(str(results.get('model', ''))).name}")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path)

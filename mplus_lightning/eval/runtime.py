@@ -93,7 +93,7 @@ def check_model_dir(path: str | Path) -> Path:
 def load_checkpoint(path: str | Path, device: torch.device, dtype: torch.dtype) -> tuple[MPlus, MemoryState]:
     """The model and the memory stored with it (our export's memory/ or the official tensors)."""
     path = check_model_dir(path)
-    model = MPlus.from_pretrained(path, dtype=dtype, device=device).eval()
+    model = MPlus.from_pretrained(path, dtype=dtype, device=device)   # in eval mode
     memory = MemoryState.from_pretrained(path, dtype=dtype, device=device)
     memory.check_compatible(model.config)
     if not memory.initialized:
