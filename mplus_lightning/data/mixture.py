@@ -21,20 +21,23 @@ When a source runs out (every document of this rank's share of it has been used 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
 from ..typed_config import ConfigError
 from .fineweb import DEFAULT_DUMP, FineWebDataModule, FineWebSelection
-from .sample import Sample, SampleRule
-from .slimpajama import BUCKETS, bucket_sources, check_bucket_tokenizer
+from .sample import Sample, SampleRule, document_rng, make_sample
+from .slimpajama import BUCKETS, BucketDocuments, bucket_sources, check_bucket_tokenizer
 from .stream import SourceSpec, StreamParams, TokenizedDataModule
 
 STAGE2_RATIOS: dict[str, float] = {"fineweb": 0.2, **{b: 0.2 for b in BUCKETS}}
 STAGE3_RATIOS: dict[str, float] = {"fineweb": 0.9, **{b: 0.025 for b in BUCKETS}}
 PRESETS = {"stage2": STAGE2_RATIOS, "stage3": STAGE3_RATIOS, "ltm": STAGE3_RATIOS}
 ON_EXHAUSTED = {"cycle": None, "stop": 1}
+
+log = logging.getLogger(__name__)
 
 
 def resolve_ratios(ratios: str | dict[str, float]) -> dict[str, float]:
@@ -70,12 +73,16 @@ class MixtureSources:
     """When a source runs out: cycle (it starts a new pass, logged) | stop (the stream ends: one epoch)."""
     longdoc_min_length: int = 384
     """Shortest chunk and target of the long documents, in tokens (official: 384; fine-web uses rule.min_length)."""
+    val_per_bucket: int = 0
+    """Validation documents per long-document bucket with a share: the first ones of the builder's
+    <buckets>/val/<bucket>/ (built with --val-per-bucket); 0: validation on fine-web alone. Each source of the
+    validation set also gets its own curves, val/<source>/loss and val/<source>/token_acc."""
 
 
 @dataclass
 class MixtureParams(StreamParams, FineWebSelection, MixtureSources):
     """`data.params` of data.kind=mixture (`MixtureDataModule`): fine-web and the long-document buckets by ratio,
-    the official stages 2-3 data; validation uses fine-web's held-out documents."""
+    the official stages 2-3 data; validation uses fine-web's held-out documents (and, on request, the buckets' own)."""
 
     rule: SampleRule = field(default_factory=lambda: SampleRule(pipeline="stage2_3"))
 
@@ -97,6 +104,7 @@ class MixtureDataModule(TokenizedDataModule):
         on_exhausted: ``cycle`` (a source that runs out starts a new pass, logged) or ``stop`` (the stream ends);
             ignored when `num_epochs` is given (not None).
         longdoc_min_length: shortest chunk/target of the long documents (fine-web uses ``rule.min_length``).
+        val_per_bucket: validation documents per bucket with a share, from ``<buckets>/val/<bucket>`` (0: none).
         dump, val_docs, val_size, train_start, max_train_docs, cache_dir, text_field, on_bad_line, on_bad_file:
             fine-web options (`FineWebDataModule`); validation uses the fine-web held-out documents.
         **kwargs: `SampleDataModule` options (rule, seed, num_workers, num_epochs, shuffle, vocab_size, ...).
@@ -107,6 +115,7 @@ class MixtureDataModule(TokenizedDataModule):
 
     def __init__(self, fineweb: str | Path | None, buckets: str | Path | None, tokenizer: str | Path | Any, *,
                  ratios: str | dict[str, float] = "stage2", on_exhausted: str = "cycle", longdoc_min_length: int = 384,
+                 val_per_bucket: int = 0,
                  dump: str | None = DEFAULT_DUMP, val_docs: int = 50_000, val_size: int = 1_000, train_start: int = 0,
                  max_train_docs: int | None = None, cache_dir: str | Path | None = None, text_field: str = "text",
                  on_bad_line: str = "error", on_bad_file: str = "error", progress: bool = True, **kwargs: Any):
@@ -118,6 +127,9 @@ class MixtureDataModule(TokenizedDataModule):
         super().__init__(tokenizer, **kwargs)
         self.ratios = resolve_ratios(ratios)
         self.on_exhausted, self.longdoc_min_length = on_exhausted, longdoc_min_length
+        if val_per_bucket < 0:
+            raise ConfigError(f"data.params.val_per_bucket: {val_per_bucket} must be >= 0")
+        self.val_per_bucket = val_per_bucket
         self.buckets_dir = None if buckets is None else Path(buckets)
         if self.ratios.get("fineweb", 0) > 0 and fineweb is None:
             raise ConfigError("ratios give fine-web a share but fineweb (its folder) is None")
@@ -143,6 +155,16 @@ class MixtureDataModule(TokenizedDataModule):
         self.sources()  # a missing or empty bucket is an error before training starts
         if self.buckets_dir is not None and any(self.ratios.get(b, 0) > 0 for b in BUCKETS):
             check_bucket_tokenizer(self.buckets_dir, self.tokenizer)
+        missing = [str(self.buckets_dir / "val" / b) for b in self.val_buckets()
+                   if not (self.buckets_dir / "val" / b).is_dir()]
+        if missing:
+            raise ConfigError(f"data.params.val_per_bucket={self.val_per_bucket} reads the buckets' validation "
+                              f"documents, but {', '.join(missing)} does not exist: build the buckets with "
+                              "--val-per-bucket N (data/README.md), or set val_per_bucket=0")
+
+    def val_buckets(self) -> list[str]:
+        """The buckets that validation reads documents of (those with a share, when val_per_bucket > 0)."""
+        return [b for b in BUCKETS if self.ratios.get(b, 0) > 0] if self.val_per_bucket > 0 else []
 
     def train_sources(self) -> list[SourceSpec]:
         specs: list[SourceSpec] = []
@@ -157,7 +179,25 @@ class MixtureDataModule(TokenizedDataModule):
         return specs
 
     def val_samples(self) -> list[Sample]:
-        if self.fineweb is None:
-            return []
-        self.fineweb._tokenizer = self.tokenizer
-        return self.fineweb.val_samples()
+        """fine-web's held-out samples and `val_per_bucket` per bucket, each marked with its source (its own val
+        curves). The sources are spread evenly through the list, so that every rank's share of it, and the first
+        `trainer.val_batches` of that share, hold each source in proportion."""
+        per_source: list[list[Sample]] = []
+        if self.fineweb is not None:
+            self.fineweb._tokenizer = self.tokenizer
+            per_source.append([replace(s, val_source="fineweb") for s in self.fineweb.val_samples()])
+        for bucket in self.val_buckets():
+            assert self.buckets_dir is not None
+            folder = self.buckets_dir / "val" / bucket
+            try:
+                docs = BucketDocuments(folder, self.tokenizer, name=f"val/{bucket}")
+            except ConfigError:   # empty: the builder found no documents left over for it after training's share
+                log.warning("validation: %s holds no documents, so bucket %s is not validated", folder, bucket)
+                continue
+            samples = [make_sample(docs.tokens(i), self.rule, document_rng(self.seed, docs.name, 0, i),
+                                   self.longdoc_min_length, doc_id=docs.doc_id(i), source=docs.name)
+                       for i in range(min(self.val_per_bucket, len(docs)))]
+            # validation scores the document's own continuation, never the "Repeat:" task
+            per_source.append([replace(s, val_source=bucket, repeat=False) for s in samples if s is not None])
+        spread = sorted(((i + 0.5) / len(group), k, i) for k, group in enumerate(per_source) for i in range(len(group)))
+        return [replace(per_source[k][i], position=n) for n, (_, k, i) in enumerate(spread)]

@@ -138,6 +138,9 @@ class Sample:
     retriever's positives (none marked in any injected chunk: the official labels)..."""
     retrieval_query_tokens: int | None = None
     """...queried by this many leading target tokens (the question's prompt; None: a random length per layer)."""
+    val_source: str = ""
+    """The source a validation sample is also scored under (`val/<val_source>/loss`, `val/<val_source>/token_acc`):
+    set by a DataModule whose validation set mixes sources; empty: the overall `val/*` curves only."""
 
     @property
     def num_tokens(self) -> int:

@@ -23,7 +23,7 @@ from ..config import ConfigError, RunConfig
 from ..model import MemoryState, MPlus
 from ..progress import TrainingCurves
 from .build import build_model, initial_memory
-from .step import Decisions, MemoryStep, max_over_ranks
+from .step import Decisions, MemoryStep, max_over_ranks, summed_over_ranks
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +273,21 @@ class MemoryTrainingModule(TrainingRecipe, L.LightningModule):
         loss, accuracy = self.memory_step.validate(sample, self.global_step)
         self.log("val/loss", loss, batch_size=1, sync_dist=True)
         self.log("val/token_acc", accuracy, batch_size=1, sync_dist=True)
+        if sample.val_source:
+            sums = self.val_sums.setdefault(sample.val_source, [0.0, 0.0, 0.0])
+            sums[0], sums[1], sums[2] = sums[0] + float(loss), sums[1] + float(accuracy), sums[2] + 1
+
+    def on_validation_epoch_start(self) -> None:
+        self.val_sums: dict[str, list[float]] = {}   # val_source -> [sum of losses, sum of accuracies, samples]
+
+    def on_validation_epoch_end(self) -> None:
+        """`val/<source>/loss` and `val/<source>/token_acc`: means over that source's samples of all ranks. Summed over
+        ranks here, not by `self.log(sync_dist=True)` in the step: a rank whose share of the validation set lacks a
+        source would skip that key's collective, and the ranks' collectives would fall out of step."""
+        for source, (loss, accuracy, count) in summed_over_ranks(self.val_sums).items():
+            # the same values on every rank: sync_dist only keeps Lightning from warning about unsynced epoch values
+            self.log(f"val/{source}/loss", loss / count, sync_dist=True)
+            self.log(f"val/{source}/token_acc", accuracy / count, sync_dist=True)
 
     # ---- per-rank state in checkpoints -------------------------------------------------------------------
     def rank_state(self) -> dict[str, Any]:

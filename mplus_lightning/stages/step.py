@@ -56,6 +56,20 @@ def max_over_ranks(value: int, device: torch.device | str = "cpu") -> int:
     return int(t.item())
 
 
+def summed_over_ranks(values: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Per key, the element-wise sum of every rank's `values` (a key that a rank lacks adds nothing), in key order; the
+    same on every rank. One process: `values`."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return dict(sorted(values.items()))
+    parts: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, values)
+    total: dict[str, list[float]] = {}
+    for part in parts:
+        for key, vals in part.items():
+            total[key] = [a + b for a, b in zip(total.get(key, [0.0] * len(vals)), vals)]
+    return dict(sorted(total.items()))
+
+
 # ---- random decisions ------------------------------------------------------------------------------------------
 class Decisions:
     """Every random decision of a training step, drawn from seeded generators.
