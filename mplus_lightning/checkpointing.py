@@ -2,7 +2,8 @@
 
     <run>/checkpoints/step=000000040/
       model.ckpt            Lightning's checkpoint: weights, optimizer, scheduler, step, data position (with
-                            trainer.strategy=fsdp2 a folder of shards)
+                            trainer.strategy=fsdp2 a folder of shards); a frozen backbone is named and fingerprinted,
+                            not stored (`FrozenBackbone`)
       rank0.safetensors     rank 0's memory and step state: tensors, the rest as JSON in the header (one file per
       rank1.safetensors     rank: ranks hold different memories)
       manifest.json         written last: the step, the save's id, the size and sha256 of every other file
@@ -18,7 +19,8 @@ Lightning's checkpoint and one rank's state). Lightning's checkpoint and every r
 save's random id, so files of two different saves are never combined. Nothing read here can run code: rank states
 are safetensors + JSON, Lightning's checkpoint is read with `torch.load(weights_only=True)`, and a sharded
 checkpoint's pickled index is checked against an allow-list first.
-Paths are never stored, so a run folder can be moved or copied and resumed from.
+Paths into the run folder are never stored, so a run folder can be moved or copied and resumed from (a frozen
+backbone's source directory is recorded for an export only: a resume takes it from the run's config).
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -443,6 +446,136 @@ def read_full_checkpoint(path: str | Path) -> dict[str, Any]:
         dcp_to_torch_save(str(path), f"{tmp}/full.pt")
         state = read_lightning_checkpoint(f"{tmp}/full.pt")
     return {**meta, **state}
+
+
+# ---- frozen backbones: named and fingerprinted, not stored ---------------------------------------------------------
+FROZEN_BACKBONE = "mplus_frozen_backbone"
+"""Key in Lightning's checkpoint dict of a run whose backbone is frozen: where the backbone came from, the sha256 of
+each of its tensors and the run config that rebuilds it. Its tensors are not in the checkpoint's state_dict."""
+FROZEN_BACKBONE_FORMAT = "mplus_lightning.frozen_backbone/1"
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    """sha256 of a tensor's dtype, shape and bytes (the same values in another dtype are another tensor)."""
+    t = t.detach().to("cpu").contiguous()
+    h = hashlib.sha256(f"{t.dtype} {list(t.shape)}\n".encode())
+    h.update(t.reshape(-1).view(torch.uint8).numpy().data)
+    return h.hexdigest()
+
+
+def backbone_source(cfg: Any) -> tuple[str, str]:
+    """(config key, description) of where a run's weights come from: init_from, model.path, or (init=tiny) the seed."""
+    if cfg.init_from:
+        return "init_from", str(Path(cfg.init_from).resolve())
+    if cfg.model.init in ("llama", "pretrained") and cfg.model.path:
+        return "model.path", str(Path(cfg.model.path).resolve())
+    return "", f"model.init=tiny with model.llama and trainer.seed={cfg.trainer.seed}"
+
+
+@dataclass(frozen=True)
+class FrozenBackbone:
+    """The frozen backbone of a run (model.train_backbone false): its weights never change, so the run's checkpoints
+    name it and fingerprint it instead of storing it again at every save, and a resume or an export rebuilds it from
+    the run's own init source and checks the fingerprint before using it.
+
+    The fingerprint is the sha256 of each frozen tensor as built (before Lightning moves or casts the model): it
+    covers every init source, random tiny ones included, costs one read of the weights per start (tensors hashed in
+    parallel threads), and names the tensor that changed."""
+
+    model: torch.nn.Module
+    """The MPlus whose frozen parameters these are (read again when a checkpoint is loaded)."""
+    prefix: str
+    """Their keys in Lightning's state dict are prefix + the model's state-dict key."""
+    digests: dict[str, str]
+    """State-dict key -> tensor_sha256 of the tensor as built."""
+    source_key: str
+    """The config key that says where the backbone comes from ("" for a random tiny init)."""
+    source: str
+    config: dict
+    """The run config (JSON types, paths absolute), from which an export rebuilds the backbone."""
+
+    @classmethod
+    def of(cls, cfg: Any, model: torch.nn.Module, prefix: str = "model.") -> FrozenBackbone:
+        params = dict(model.named_parameters(remove_duplicate=False))
+        frozen = [n for n, p in params.items() if not p.requires_grad]
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:   # hashlib releases the GIL
+            digests = dict(zip((prefix + n for n in frozen), pool.map(tensor_sha256, (params[n] for n in frozen))))
+        key, source = backbone_source(cfg)
+        config = json.loads(json.dumps(asdict(cfg), default=str))   # plain types: weights_only loads it
+        config.update(resume=None, overwrite=False)
+        if cfg.init_from:
+            config["init_from"] = source
+        elif key:
+            config["model"]["path"] = source
+        return cls(model, prefix, digests, key, source, config)
+
+    def record(self) -> dict[str, Any]:
+        return {"format": FROZEN_BACKBONE_FORMAT, "source_key": self.source_key, "source": self.source,
+                "digests": dict(self.digests), "config": self.config}
+
+    def strip(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
+        """Lightning's checkpoint dict without the frozen tensors, naming them instead."""
+        state = checkpoint["state_dict"]
+        missing = sorted(self.digests.keys() - state.keys())
+        if missing:
+            raise RuntimeError(f"the frozen backbone tensor {missing[0]} is not in the state dict being saved")
+        return {**checkpoint, "state_dict": {k: v for k, v in state.items() if k not in self.digests},
+                FROZEN_BACKBONE: self.record()}
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The frozen tensors now, by state-dict key (keep_vars: no copies)."""
+        state = self.model.state_dict(keep_vars=True)
+        return {key: state[key[len(self.prefix):]] for key in self.digests}
+
+    def fix(self) -> str:
+        if self.source_key:
+            return (f"set {self.source_key}= to the weights the run started from (a moved copy is fine), or start a "
+                    "new run (overwrite=true or another name=)")
+        return "use the model.llama and trainer.seed the run started with, or start a new run (overwrite=true)"
+
+
+def frozen_backbone(cfg: Any, model: torch.nn.Module, prefix: str = "model.") -> FrozenBackbone | None:
+    """The run's frozen backbone to leave out of its checkpoints, or None where they store every weight: runs that
+    train the backbone (the demo, stage pretrain, whose frozen parts are the memory's) and FSDP2's sharded
+    checkpoints, which torch.distributed.checkpoint writes and reads whole (each rank only its shard)."""
+    if cfg.model.train_backbone or cfg.stage == "pretrain" or cfg.trainer.strategy == "fsdp2":
+        return None
+    return FrozenBackbone.of(cfg, model, prefix)
+
+
+def saved_backbone(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any] | None:
+    """What Lightning's checkpoint dict (read from `path`) records of its frozen backbone (`FrozenBackbone.record`),
+    or None where it stores every weight."""
+    record = checkpoint.get(FROZEN_BACKBONE)
+    if record is not None and not (isinstance(record, dict) and record.get("format") == FROZEN_BACKBONE_FORMAT
+                                   and isinstance(record.get("digests"), dict)):
+        raise CheckpointError(f"{path}: its {FROZEN_BACKBONE} entry is not one of mplus_lightning.fit (format "
+                              f"{FROZEN_BACKBONE_FORMAT})")
+    return record
+
+
+def restore_frozen_backbone(checkpoint: dict[str, Any], frozen: FrozenBackbone | None, path: str | Path,
+                            fix: str | None = None) -> dict[str, Any]:
+    """Lightning's checkpoint dict (read from `path`) with the frozen backbone it names put back from `frozen` (the
+    backbone rebuilt from the run's init source), after checking that it has the saved fingerprint; a checkpoint that
+    stores every weight is returned as it is. `fix`: what to do on a mismatch (default: `frozen.fix()`)."""
+    record = saved_backbone(checkpoint, path)
+    if record is None:
+        return checkpoint
+    if frozen is None:
+        raise CheckpointError(f"{path} holds no copy of its frozen backbone (from {record.get('source')}), and this "
+                              "run would not rebuild it: resume with the run's model.train_backbone=false and a "
+                              "trainer.strategy other than fsdp2")
+    saved, built = record["digests"], frozen.digests
+    differ = sorted(k for k in saved.keys() | built.keys() if saved.get(k) != built.get(k))
+    if differ:
+        key = differ[0]
+        how = ("is not frozen in this run" if key not in built else "is not part of the saved backbone"
+               if key not in saved else "has other values")
+        raise CheckpointError(f"{path}: the frozen backbone rebuilt from {frozen.source} differs from the one the run "
+                              f"started from ({record.get('source')}): tensor {key} {how} ({len(differ)} of "
+                              f"{len(saved)} tensors differ); {fix or frozen.fix()}")
+    return {**checkpoint, "state_dict": {**checkpoint["state_dict"], **frozen.tensors()}}
 
 
 # ---- verifying -----------------------------------------------------------------------------------------------------

@@ -4,7 +4,8 @@ Precedence: config defaults <- the YAML file <- key=value overrides (e.g. `train
 `--print-config` prints the resolved config (each key under a comment saying what it does) and exits; `--describe
 [GROUP]` lists every key with its type, default and meaning. Outputs go to <run_dir>/<name>/:
   config.yaml         the resolved config
-  checkpoints/        one folder per checkpoint, step=N/: Lightning's checkpoint, each rank's memory, a manifest
+  checkpoints/        one folder per checkpoint, step=N/: Lightning's checkpoint (a frozen backbone named, not
+                      stored), each rank's memory, a manifest
   tensorboard/        TensorBoard logs (`tensorboard --logdir <run_dir>`)
   export/             at the end: a self-contained model directory (MPlus.from_pretrained), rank 0's memory and
                       the data's tokenizer
@@ -28,6 +29,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint, LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.plugins import TorchCheckpointIO
 
 from . import checkpointing as ck, config as config_lib, progress
 from .checkpointing import CheckpointError, NonFiniteError
@@ -91,6 +93,23 @@ class CheckpointUnits(Checkpoint):
             ck.prune(self.directory, self.keep)
         trainer.strategy.barrier("checkpoint_unit_committed")
         self.last_saved_step = step
+
+
+class FrozenBackboneIO(TorchCheckpointIO):
+    """Writes and reads model.ckpt (non-sharded strategies): a frozen backbone (`checkpointing.FrozenBackbone`) is
+    left out on saving and put back from the rebuilt model on loading, once its fingerprint matches."""
+
+    def __init__(self, frozen: ck.FrozenBackbone | None):
+        self.frozen = frozen
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        if self.frozen is not None:
+            checkpoint = self.frozen.strip(checkpoint)
+        super().save_checkpoint(checkpoint, path, storage_options)
+
+    def load_checkpoint(self, path, map_location=lambda storage, loc: storage, weights_only=None):
+        checkpoint = super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+        return ck.restore_frozen_backbone(checkpoint, self.frozen, path)
 
 
 def gather_dicts(part: dict) -> dict:
@@ -283,6 +302,8 @@ def run(cfg: RunConfig, callbacks: list | None = None) -> L.Trainer:
     datamodule = build_datamodule(cfg)
     check_layout(cfg, datamodule)
     module = module_for(cfg.stage)(cfg, instruction_ids(cfg, datamodule))
+    # Fingerprinted now, as built: a resume rebuilds the model the same way before Lightning moves or casts it.
+    trainer.strategy.checkpoint_io = FrozenBackboneIO(ck.frozen_backbone(cfg, module.model))
     if trainer.global_rank == 0:
         config_lib.save(built_config(cfg, module.model), cfg.out_dir / "config.yaml")   # the backbone as built
     trainer.logger.log_hyperparams(flat_config(cfg))
