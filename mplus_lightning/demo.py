@@ -232,6 +232,29 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def seed_table(summaries: list[dict[str, Any]]) -> tuple[str, int]:
+    """Markdown table of several demo runs (one per seed): per distance and mode the median and the range, and
+    which run is the median one (by M+ at the far distance). Returns (table, index of the median run)."""
+    rows = [s["rows"] for s in summaries]
+    modes = [m for m in ("mplus", "memoryllm") if m in rows[0][0]]
+    if any([r["distance"] for r in run] != [r["distance"] for r in rows[0]] for run in rows):
+        raise ValueError("the runs were evaluated at different distances: compare runs of one configuration")
+    head = {"mplus": "M+", "memoryllm": "MemoryLLM mode"}
+    lines = ["| tokens after the fact | " + " | ".join(str(r["distance"]) for r in rows[0]) + " |",
+             "|---" * (len(rows[0]) + 1) + "|",
+             "| its rows still in the short-term pool | "
+             + " | ".join(f"{r['stm_share']:.1%}" for r in rows[0]) + " |"]
+    for m in modes:
+        cells = []
+        for j in range(len(rows[0])):
+            values = sorted(run[j][m] for run in rows)
+            cells.append(f"{values[len(values) // 2]:.2f} ({values[0]:.2f}-{values[-1]:.2f})")
+        lines.append(f"| {head[m]}: median (range) | " + " | ".join(cells) + " |")
+    far = [s["targets"]["far"]["value"]["mplus"] if s["targets"]["far"]["value"] else 0.0 for s in summaries]
+    median_run = sorted(range(len(far)), key=lambda i: far[i])[len(far) // 2]
+    return "\n".join(lines), median_run
+
+
 # ---- main ----------------------------------------------------------------------------------------------------------
 def run_demo(out: str | Path = "checkpoints/demo", data: str | Path = "data/generated/demo", *, quick: bool = False,
              seed: int = 0, stage_overrides: list[str] | None = None,
@@ -344,12 +367,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="data/generated/demo", help="generated corpus and tokenizer")
     p.add_argument("--quick", action="store_true", help="miniature run (a few steps, a few items): a smoke test")
     p.add_argument("--seed", type=int, default=0, help="corpus seed")
+    p.add_argument("--collect", nargs="+", metavar="OUT",
+                   help="instead of the demo: the median and range over finished demo runs (their --out folders)")
     p.add_argument("--train", nargs="*", default=[], metavar="key=value",
                    help="overrides for every training stage, e.g. trainer.max_steps=100")
     p.add_argument("--eval", nargs="*", default=[], metavar="key=value",
                    help="overrides for the retention evaluation, e.g. num_items=50")
     args = p.parse_args(argv)
     try:
+        if args.collect:
+            summaries = [json.loads((Path(o) / "demo_summary.json").read_text()) for o in args.collect]
+            table, median = seed_table(summaries)
+            print(table)
+            print(f"median run (by M+ at the far distance): {args.collect[median]}")
+            return 0
         summary = run_demo(args.out, args.data, quick=args.quick, seed=args.seed, stage_overrides=args.train,
                            eval_overrides=args.eval)
     except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:

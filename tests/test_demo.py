@@ -289,3 +289,46 @@ def test_newest_fact_answers_counts_answers_taken_from_the_latest_distractor(cor
     items.write_text("\n".join(json.dumps(r) for r in (rec, other, {"kind": "borderline", "id": "0"})) + "\n")
     shares = demo.newest_fact_answers(items, corpus_dir)
     assert shares == {"mplus": {6: 0.5, 12: 0.5 if first.value != second.value else 1.0}}
+
+
+def test_seed_table_gives_median_and_range_per_distance(tmp_path, capsys):
+    from mplus_lightning import demo
+
+    def run(far_mplus: float, near: float) -> dict:
+        rows = [{"distance": 0, "stm_share": 1.0, "mplus": 1.0, "memoryllm": 1.0},
+                {"distance": 78, "stm_share": 0.093, "mplus": far_mplus, "memoryllm": near}]
+        return {"rows": rows, "targets": {"far": {"value": {"mplus": far_mplus, "memoryllm": near}}}}
+
+    runs = [run(0.8, 0.1), run(0.2, 0.05), run(0.6, 0.2)]
+    table, median = demo.seed_table(runs)
+    assert median == 2   # M+ at 78 tokens: 0.2 < 0.6 < 0.8
+    assert "| M+: median (range) | 1.00 (1.00-1.00) | 0.60 (0.20-0.80) |" in table
+    assert "| MemoryLLM mode: median (range) | 1.00 (1.00-1.00) | 0.10 (0.05-0.20) |" in table
+    for i, r in enumerate(runs):
+        (tmp_path / str(i)).mkdir()
+        (tmp_path / str(i) / "demo_summary.json").write_text(json.dumps(r))
+    assert demo.main(["--collect", *(str(tmp_path / str(i)) for i in range(3))]) == 0
+    assert f"median run (by M+ at the far distance): {tmp_path / '2'}" in capsys.readouterr().out
+    runs[1]["rows"][1]["distance"] = 96
+    with pytest.raises(ValueError, match="different distances"):
+        demo.seed_table(runs)
+
+
+def test_recall_documents_are_six_token_sentences_about_earlier_facts(corpus_dir):
+    from mplus_lightning.data.tokenizer import encode, load_tokenizer
+
+    tok = load_tokenizer(corpus_dir / "tokenizer")
+    docs = [json.loads(line)["text"] for line in (corpus_dir / F.RECALL_DOCUMENTS).read_text().splitlines()]
+    assert len(docs) == 20
+    for doc in docs[:3]:
+        sentences = [s + "." for s in doc.split(".") if s]
+        assert len(encode(tok, doc)) == 6 * len(sentences) == 6 * 80   # chunk_tokens=6 reads one sentence a chunk
+        told = {}
+        for s in sentences:
+            kind, rest = s.split(": ")
+            first, last, value = rest[:-1].split(" ")
+            if kind == "Fact":
+                told[(first, last)] = value
+            else:
+                assert kind == "Recall" and told[(first, last)] == value   # about a fact told earlier, its value
+        assert len(told) < len(sentences)

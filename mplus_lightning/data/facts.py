@@ -25,6 +25,8 @@ about them by reading the fact back from its memory.
                                                "processed" layout (mplus_lightning/data/eval_sets/retention.py)
     retention/unrelated_contexts_from_train.json   training facts, injected between a fact and its question
     tokenizer_texts.txt                        what the demo's tokenizer is trained on
+    recall_documents.jsonl                     long documents of held-out facts and recalls of them (`text`), for
+                                               `evaluate position-loss` / `short-context` on the demo's model
 
 `FactsDataModule` (config `data.kind: facts`) turns the training people into samples: the contexts are one to a few
 fact chunks (one fact per chunk), the target is "Recall: <name> <answer></s>" about one or more of them, with
@@ -94,6 +96,7 @@ SPLITS = ("train", "val", "heldout")
 CORPUS_FILE = "facts.json"
 RETENTION_DIR = "retention"
 TOKENIZER_TEXTS = "tokenizer_texts.txt"
+RECALL_DOCUMENTS = "recall_documents.jsonl"
 
 
 def _check_lists() -> None:
@@ -227,6 +230,33 @@ def tokenizer_texts(corpus: FactCorpus) -> list[str]:
     return texts
 
 
+RECALL_TEMPLATE = "Recall: {name} {value}."
+"""A recall sentence of the documents below: the question and its answer, 6 tokens like a fact."""
+
+
+def recall_documents(corpus: FactCorpus, num_documents: int = 20, sentences: int = 80, recall_every: int = 3
+                     ) -> list[str]:
+    """Long documents for the loss-by-position analysis (`evaluate position-loss`) on the demo's model: 6-token
+    sentences about held-out people, each a new fact or (one in `recall_every`) "Recall: <name> <value>." about a
+    person whose fact came any number of sentences earlier. Read in 6-token chunks, each recall's value token is
+    predictable only from memory, further back the later it comes in the document."""
+    rng = random.Random(f"recall-documents:{corpus.seed}")
+    documents = []
+    for _ in range(num_documents):
+        people = rng.sample(corpus.heldout, sentences)   # distinct names: a recall names one fact
+        told: list[Person] = []
+        parts = []
+        while len(parts) < sentences:
+            if told and rng.randrange(recall_every) == 0:
+                p = rng.choice(told)
+                parts.append(RECALL_TEMPLATE.format(name=p.name, value=p.value))
+            else:
+                told.append(people[len(told)])
+                parts.append(told[-1].fact())
+        documents.append("".join(parts))   # "Madrid.Fact:" tokenizes as "Madrid." + "Fact:" (no space between)
+    return documents
+
+
 def write_corpus(corpus: FactCorpus, out_dir: str | Path, *, num_distractors: int = 400) -> dict[str, Path]:
     """Write the corpus files (module docstring); returns their paths."""
     out = Path(out_dir)
@@ -234,11 +264,12 @@ def write_corpus(corpus: FactCorpus, out_dir: str | Path, *, num_distractors: in
     paths = {"corpus": out / CORPUS_FILE, "retention": out / RETENTION_DIR,
              "val_data": out / RETENTION_DIR / "val_data.json",
              "distractors": out / RETENTION_DIR / "unrelated_contexts_from_train.json",
-             "tokenizer_texts": out / TOKENIZER_TEXTS}
+             "tokenizer_texts": out / TOKENIZER_TEXTS, "documents": out / RECALL_DOCUMENTS}
     paths["corpus"].write_text(json.dumps(corpus.to_json(), indent=1))
     paths["val_data"].write_text(json.dumps(retention_items(corpus.heldout), indent=1))
     paths["distractors"].write_text(json.dumps(distractor_texts(corpus, num_distractors), indent=1))
     paths["tokenizer_texts"].write_text("\n".join(tokenizer_texts(corpus)) + "\n")
+    paths["documents"].write_text("".join(json.dumps({"text": d}) + "\n" for d in recall_documents(corpus)))
     return paths
 
 
