@@ -50,7 +50,7 @@ import torch
 from . import config as config_lib
 from .data import facts as facts_lib
 from .data.files import iter_jsonl
-from .progress import Progress
+from .progress import Progress, silence_noise
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGES = (("pretrain", "demo_pretrain.yaml"), ("stage1", "demo_stage1.yaml"), ("stage2", "demo_stage2.yaml"),
@@ -354,10 +354,10 @@ def _quiet() -> None:
     """Keep the demo's output to its own progress lines (Lightning's banner and tips, known deprecations)."""
     for name in QUIETED_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    silence_noise()   # every run's tips and known deprecations (fit does this too; the evaluation does not)
+    # every demo stage runs in a fresh folder on an in-process stream: neither warning applies
     warnings.filterwarnings("ignore", message=".*Checkpoint directory.*exists and is not empty.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*litlogger.*")
 
 
 def main(argv: list[str] | None = None) -> int:
