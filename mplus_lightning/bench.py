@@ -779,12 +779,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         phases = tuple(x.strip() for x in args.phases.split(",") if x.strip())
         result = run_profile(shape, device, dtype, args.threads, phases, args.calls, args.top)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+    emit(result, args.out, indent=2)
     return result
+
+
+def emit(result: dict[str, Any], out: str | None, indent: int | None = None) -> None:
+    """Print the result as JSON (flushed: a log tail shows it at once) and, with `out`, write the same text there."""
+    text = json.dumps(result, indent=indent)
+    print(text, flush=True)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
 
 
 if __name__ == "__main__":

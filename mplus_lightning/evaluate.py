@@ -23,11 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 from .eval.config import TASKS, ConfigError, describe_fields, load_config, to_yaml
-from .typed_config import summary
+from .typed_config import show_traceback, summary
 
 HELP = {
     "retention": "knowledge retention on SQuAD / NaturalQA (accuracy vs tokens injected after the context)",
@@ -93,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         result = run(args.task, cfg)
     except (ConfigError, FileNotFoundError, ValueError) as e:   # DataFormatError and EvalInputError are ValueErrors
-        if args.debug or os.environ.get("MPLUS_DEBUG") == "1":
+        if show_traceback(args.debug):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,6 @@
 """Export a training checkpoint as a self-contained model directory that `MPlus.from_pretrained` reads.
 
-    mplus-export CKPT OUT [--rank R] [--tokenizer PATH]        (or: python -m mplus_lightning.export ...)
+    mplus-export CKPT OUT [--rank R] [--tokenizer PATH] [--backbone DIR]   (or: python -m mplus_lightning.export ...)
 
 CKPT is a checkpoint folder of `mplus_lightning.fit` (`<run>/checkpoints/step=N/`, or a file in it), or a run's
 `checkpoints/` folder or run folder for its newest checkpoint. Its files are checked against its manifest first and

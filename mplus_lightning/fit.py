@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import inspect
 import logging
-import os
 import shutil
 import sys
 import time
@@ -38,6 +37,7 @@ from .model.tensor_files import DamagedFileError
 from .stages import module_for
 from .stages.build import built_config
 from .stages.step import max_over_ranks
+from .typed_config import show_traceback
 
 log = logging.getLogger("mplus_lightning.fit")
 
@@ -389,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = config_lib.load(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as e:
-        if args.debug or os.environ.get("MPLUS_DEBUG") == "1":
+        if show_traceback(args.debug):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -399,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(cfg)
     except (ConfigError, FileNotFoundError, FloatingPointError, DamagedFileError) as e:
-        if args.debug or os.environ.get("MPLUS_DEBUG") == "1":
+        if show_traceback(args.debug):
             raise
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -30,11 +30,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import json
 import os
 import socket
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +40,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .bench import SHAPES, Clock, Shape, build_model, environment, random_ids, random_ltm
+from .bench import SHAPES, Clock, Shape, build_model, emit, environment, random_ids, random_ltm
 from .config import StepConfig
 from .data.sample import Sample
 from .model.memory import LTM_PLACEMENTS, MemoryState
@@ -445,12 +443,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if device.type == "cpu":
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     result = run_check(args.shape, device, placements, args.skip_training)
-    line = json.dumps(result)
-    print(line)
-    sys.stdout.flush()
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(line + "\n")
+    emit(result, args.out)   # one line
     return result
 
 

@@ -10,6 +10,7 @@ import ast
 import dataclasses
 import functools
 import inspect
+import os
 import textwrap
 import typing
 from pathlib import Path
@@ -25,6 +26,11 @@ WIDTH = 120
 
 class ConfigError(ValueError):
     """A configuration problem (file, key or value); the message names it."""
+
+
+def show_traceback(debug_flag: bool) -> bool:
+    """Whether a user's mistake keeps its traceback: `--debug` or MPLUS_DEBUG=1 (else the tools print one line)."""
+    return debug_flag or os.environ.get("MPLUS_DEBUG") == "1"
 
 
 # ---- loading --------------------------------------------------------------------------------------------------------

@@ -36,6 +36,16 @@ def random_ids(n: int, batch: int = 1, vocab: int = 512, seed: int = 0) -> torch
     return torch.randint(3, vocab, (batch, n), generator=g)
 
 
+def filled(model, chunks: int = 6, seed: int = 0):
+    """A memory after `chunks` injections of 20-token random chunks: after one the pool is full and the long-term
+    memory empty; each later one moves K rows per layer into the long-term memory."""
+    memory = model.new_memory(seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    for i in range(chunks):
+        model.inject(memory, random_ids(20, seed=100 + i), generator=g)
+    return memory
+
+
 @pytest.fixture
 def tiny_model():
     torch.manual_seed(0)

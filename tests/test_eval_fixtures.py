@@ -88,6 +88,21 @@ def make_env(root: Path) -> tuple[Path, Path]:
     return model_dir, model_dir
 
 
+TINY_RETENTION = ["--no-progress", "distances=[0,64,128]", "distractor_tokens=32", "distractor_min_tokens=32"]
+"""Retention settings that run in seconds on the tiny model."""
+
+
+def squad_env(root: Path) -> tuple[Path, Path]:
+    """(model dir with its tokenizer, a SQuAD folder with 6 dev paragraphs indexed 0, 2, 4, 5)."""
+    model_dir, _ = make_env(root)
+    return model_dir, write_squad(root / "data" / "squad", n_dev=6, n_train=40, index=[0, 2, 4, 5])
+
+
+def retention_args(model_dir: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    """`evaluate` arguments of a tiny retention run."""
+    return ["retention", "--model", str(model_dir), "--data", str(data), "--out", str(out), *TINY_RETENTION, *extra]
+
+
 # ---- retention data ---------------------------------------------------------------------------------------------
 def squad_json(rng: random.Random, n_paragraphs: int, with_impossible: bool = True) -> dict:
     paragraphs = []

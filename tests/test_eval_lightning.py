@@ -12,36 +12,30 @@ import datasets
 import pytest
 
 from mplus_lightning.data import LongBenchDataModule, LongBookDataModule, RetentionDataModule
-from mplus_lightning.data.eval_sets import datamodules
 from mplus_lightning.data.eval_sets.datamodules import TextDataModule
 from mplus_lightning.data.tokenizer import load_tokenizer
 from mplus_lightning.eval.workload import unique_labels
 from mplus_lightning.evaluate import main
+from tests import test_eval_fixtures as fixtures
 from tests.test_eval_fixtures import (
-    make_env,
     one_thread_per_test,  # noqa: F401  (autouse: one torch thread per test)
+    squad_env,
     write_event_qa,
     write_jsonl,
     write_longbench,
     write_longbook,
-    write_squad,
 )
 
 ROOT = Path(__file__).parents[1]
-TINY = ["--no-progress", "distances=[0,64,128]", "distractor_tokens=32", "distractor_min_tokens=32"]
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lightning")
-    model_dir, _ = make_env(root)
-    data = write_squad(root / "data" / "squad", n_dev=6, n_train=40, index=[0, 2, 4, 5])
-    return model_dir, data
+    return squad_env(tmp_path_factory.mktemp("lightning"))
 
 
 def retention_args(env, out, *extra):
-    model_dir, data = env
-    return ["retention", "--model", str(model_dir), "--data", str(data), "--out", str(out), *TINY, *extra]
+    return fixtures.retention_args(*env, out, *extra)
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +49,6 @@ def reference(env, tmp_path_factory):
 # ---- DataModules --------------------------------------------------------------------------------------------------
 def test_datamodules_hold_their_items_in_datasets_and_shard_them(env, tmp_path):
     model_dir, squad = env
-    assert datamodules.datasets is datasets                    # the module that reads the files uses `datasets`
     tok = load_tokenizer(model_dir)
     dm = RetentionDataModule(squad, tokenizer=tok, bos_token_id=1, context_tokens=20, distractor_tokens=32,
                              distractor_min_tokens=32, distractor_total=100)

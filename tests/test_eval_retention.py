@@ -15,26 +15,23 @@ from mplus_lightning.eval.io import ResultStore
 from mplus_lightning.eval.metrics import exact_hit, qa_f1
 from mplus_lightning.evaluate import main
 from tests.test_eval_fixtures import (
-    make_env,
+    TINY_RETENTION,
     one_thread_per_test,  # noqa: F401  (autouse: one torch thread per test)
+    retention_args,
+    squad_env,
     squad_json,
-    write_squad,
 )
-
-TINY = ["--no-progress", "distances=[0,64,128]", "distractor_tokens=32", "distractor_min_tokens=32"]
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("retention")
-    model_dir, _ = make_env(root)
-    data = write_squad(root / "data" / "squad", n_dev=6, n_train=40, index=[0, 2, 4, 5])
-    return model_dir, data, root
+    return (*squad_env(root), root)
 
 
 def args(env, out, *extra):
     model_dir, data, _ = env
-    return ["retention", "--model", str(model_dir), "--data", str(data), "--out", str(out), *TINY, *extra]
+    return retention_args(model_dir, data, out, *extra)
 
 
 def lines(path):
@@ -85,7 +82,7 @@ def test_scoring_pipeline_counts_hits(env, tmp_path):
     (d2 / "train-v2.0.json").write_text((data / "train-v2.0.json").read_text())
     np.save(d2 / "indices_squad_3.npy", np.load(data / "indices_squad_3.npy"))
     out2 = tmp_path / "second"
-    assert main(["retention", "--model", str(model_dir), "--data", str(d2), "--out", str(out2), *TINY,
+    assert main(["retention", "--model", str(model_dir), "--data", str(d2), "--out", str(out2), *TINY_RETENTION,
                  "num_items=3", "modes=[mplus]"]) == 0
     res = json.loads((out2 / "results.json").read_text())
     assert res["borderline"]["exact_hit"] == 1.0
@@ -210,6 +207,6 @@ def test_official_release_directories(env, tmp_path, release, modes):
     official = Path(__file__).parent / "fixtures" / "official" / release
     out = tmp_path / release
     assert main(["retention", "--model", str(official), "--tokenizer", str(model_dir), "--data", str(data),
-                 "--out", str(out), *TINY, "num_items=2"]) == 0
+                 "--out", str(out), *TINY_RETENTION, "num_items=2"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["modes"]) == modes and res["num_items"] == 2

@@ -6,16 +6,7 @@ from transformers import LlamaForCausalLM
 from mplus_lightning import MemoryState, MPlus, tiny_config
 from mplus_lightning.model.retriever import mean_sigmoid_scores, retriever_bce_loss, select_oldest_first
 
-from .conftest import random_ids, randomize_adapters
-
-
-def filled(model, chunks=6, seed=0):
-    """A memory after `chunks` injections of 20-token random chunks (pool filled, LTM holding evicted rows)."""
-    mem = model.new_memory(seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    for i in range(chunks):
-        model.inject(mem, random_ids(20, seed=100 + i), generator=g)
-    return mem
+from .conftest import filled, random_ids, randomize_adapters
 
 
 def test_backbone_without_memory_equals_hf_llama(tiny_model):

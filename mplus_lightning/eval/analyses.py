@@ -162,7 +162,6 @@ def _position_table(summary: dict) -> str:
 class PositionLossEvaluation(EvalModule):
     """One record per document: loss sums and token counts per position bucket."""
 
-    key_columns = ("id",)
 
     def __init__(self, cfg: PositionLossConfig, run: RunDir, *, label: str, bos: int | None, **loaded):
         super().__init__(cfg, run, **loaded)
@@ -228,7 +227,6 @@ def run_short_context(cfg: ShortContextConfig, *, model=None, memory=None, token
 class ShortContextEvaluation(EvalModule):
     """One record per document and method: the loss sum over its targets and their number."""
 
-    key_columns = ("id",)
 
     def __init__(self, cfg: ShortContextConfig, run: RunDir, *, methods: list[str], bos: int | None, **loaded):
         super().__init__(cfg, run, **loaded)

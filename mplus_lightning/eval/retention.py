@@ -126,7 +126,6 @@ class RetentionEvaluation(EvalModule):
     """Per item: the borderline (the question against the untouched checkpoint memory), then one injection stream
     scored in every mode at every distance (`_retention_item`)."""
 
-    key_columns = ("id",)
 
     def __init__(self, cfg: RetentionConfig, run: RunDir, *, modes: list[str], distances: list[int], dataset: str,
                  config: MPlusConfig, **loaded):

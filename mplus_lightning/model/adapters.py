@@ -100,20 +100,14 @@ class FoldedAdapters:
     A copy is rebuilt when the base weight, A or B is replaced or modified in place (their `_version`s: optimizer
     steps, `load_state_dict`, `.to()`), so that training between generations never decodes with stale weights. The
     write passes keep using the unfolded modules. Folding costs one copy of every adapted weight (about 12 GB for
-    Llama-3.1-8B in bf16); `clear()` frees it.
+    Llama-3.1-8B in bf16); dropping the object frees it (`MPlus.free_decode_state`).
     """
 
     def __init__(self):
         self._folded: dict[int, tuple[tuple, Projection]] = {}
 
-    def __len__(self) -> int:
-        return len(self._folded)
-
     def nbytes(self) -> int:
         return sum(p.weight.numel() * p.weight.element_size() for _, p in self._folded.values())
-
-    def clear(self) -> None:
-        self._folded.clear()
 
     def projection(self, module: nn.Module, adapter: str | None) -> Projection:
         base, a, b, scale = _parts(module, adapter)

@@ -102,7 +102,6 @@ class StaticDecoder:
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.scaling = self.head_dim ** -0.5
-        self.adapter, self.folded = adapter, folded
         self.device, self.dtype = model.device, model.dtype
         self.layers = [LayerWeights(layer, adapter, folded) for layer in model.layers]
         shape = (batch, self.kv_heads, capacity, self.head_dim)

@@ -552,20 +552,18 @@ class MemoryState:
                 raise MemoryFileError(f"{source}: `{name}` has shape {tuple(sd[name].shape)} but `rows` has "
                                       f"{rows_shape}: `{name}` must be {list(rows_shape[:2])}; the snapshot is "
                                       "damaged, save it again")
-        if "ltm_rows" in sd:
-            ltm_shape = tuple(sd["ltm_rows"].shape)
-            for name, want in (("ltm_keys", ltm_shape[:2]), ("ltm_ages", ltm_shape[:2])):
-                got = tuple(sd[name].shape) if name in sd else None
-                if got is None or got[:2] != want or (name == "ltm_ages" and len(got) != 2):
-                    raise MemoryFileError(f"{source}: `{name}` has shape {got} but `ltm_rows` has {ltm_shape}: "
-                                          f"`{name}` must start with {list(want)}; the snapshot is damaged, "
-                                          "save it again")
         ltm = None
         if "ltm_rows" in sd:
+            ltm_shape = tuple(sd["ltm_rows"].shape)
+            for name in ("ltm_keys", "ltm_ages"):   # both start with [layers, stored rows]; ages are nothing more
+                got = tuple(sd[name].shape) if name in sd else None
+                if got is None or got[:2] != ltm_shape[:2] or (name == "ltm_ages" and len(got) != 2):
+                    raise MemoryFileError(f"{source}: `{name}` has shape {got} but `ltm_rows` has {ltm_shape}: "
+                                          f"`{name}` must start with {list(ltm_shape[:2])}; the snapshot is damaged, "
+                                          "save it again")
             ltm = LongTermMemory.from_tensors(sd["ltm_rows"], sd["ltm_keys"], sd["ltm_ages"], meta["ltm_capacity"])
         rows, ranks = sd["rows"], sd["ranks"].long()
-        if ranks.shape != rows.shape[:2] or not torch.equal(ranks.sort(dim=1).values,
-                                                            torch.arange(rows.shape[1]).expand_as(ranks)):
+        if not torch.equal(ranks.sort(dim=1).values, torch.arange(rows.shape[1]).expand_as(ranks)):   # shape checked
             raise MemoryFileError(f"{source} is corrupt: `ranks` is not a permutation of 0..N-1 in every layer")
         return cls(rows=rows, ranks=ranks, ages=sd["ages"].long(), num_tokens=int(meta["num_tokens"]), ltm=ltm,
                    initialized=bool(meta.get("initialized", True)))

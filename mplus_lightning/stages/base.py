@@ -173,14 +173,14 @@ class TrainingRecipe:
             self.write_metrics(self.flush_curves(), max(0, self.global_step - 1))
 
     def flush_curves(self) -> dict[str, float]:
-        def summed_over_ranks(counts: list[int]) -> list[int]:
+        def counts_over_ranks(counts: list[int]) -> list[int]:
             if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
                 return counts
             t = torch.tensor(counts, dtype=torch.float64, device=self.device)
             torch.distributed.all_reduce(t)
             return [int(x) for x in t.tolist()]
 
-        values = self.curves.flush(summed_over_ranks)
+        values = self.curves.flush(counts_over_ranks)
         self.last_logged = values
         return values
 

@@ -92,9 +92,6 @@ class EvalDataModule(LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         return DataLoader(self.shard(rank, world), batch_size=None, shuffle=False, collate_fn=_as_is)
 
-    def test_dataloader(self) -> DataLoader:
-        return self.predict_dataloader()
-
 
 class RetentionDataModule(EvalDataModule):
     """Knowledge-retention items (SQuAD v2 + index, NQ simplified + index, or the processed layout; see `retention`)

@@ -39,25 +39,24 @@ def text_files(path: str | Path) -> list[Path]:
     return files
 
 
-def iter_documents(path: str | Path, *, text_field: str = "text", min_chars: int = 1
-                   ) -> Iterator[tuple[Path, dict]]:
-    """(file, ``{"id", "text"}``) of every document of at least `min_chars` characters, in file order."""
+def iter_documents(path: str | Path, *, text_field: str = "text") -> Iterator[tuple[Path, dict]]:
+    """(file, ``{"id", "text"}``) of every non-empty document, in file order."""
     files = text_files(path)
     base = files[0].parent if len(files) == 1 else Path(path).expanduser()
     for f in files:
         for row, text in iter_texts(f, text_field=text_field):
-            if len(text) >= min_chars:
+            if text:
                 yield f, {"id": f"{f.relative_to(base)}:{row}", "text": text}
 
 
-def read_texts(path: str | Path, *, text_field: str = "text", limit: int | None = None,
-               min_chars: int = 1) -> tuple[list[dict], list[Path]]:
-    """The first `limit` documents (all if None) of at least `min_chars` characters, as ``{"id", "text"}``, and the
-    files they came from (reading stops there)."""
+def read_texts(path: str | Path, *, text_field: str = "text", limit: int | None = None
+               ) -> tuple[list[dict], list[Path]]:
+    """The first `limit` non-empty documents (all if None), as ``{"id", "text"}``, and the files they came from
+    (reading stops there)."""
     docs: list[dict] = []
     read: list[Path] = []
     if limit is None or limit > 0:
-        for f, doc in iter_documents(path, text_field=text_field, min_chars=min_chars):
+        for f, doc in iter_documents(path, text_field=text_field):
             docs.append(doc)
             if not read or read[-1] != f:
                 read.append(f)
