@@ -137,10 +137,14 @@ def test_training_benchmark_reports_every_step_kind_and_the_plain_step(tmp_path)
         assert kind["flops"] > 0 and kind["seconds"] > 0 and math.isfinite(kind["ratio_to_plain_llama"])
     # a multi-chunk step writes 4 chunks before reading: more tokens than a single-chunk step
     assert result["kinds"]["multi"]["tokens"] > result["kinds"]["single"]["tokens"]
-    assert result["plain_llama"]["flops"] > 0
-    # the CPU attention kernels, which torch's counter leaves out, are counted beside it
-    assert result["plain_llama"]["attention_flops"] > 0
     for kind in result["kinds"].values():
+        # each kind beside a plain step of as many tokens, timed in alternation with it
+        plain = kind["plain_llama"]
+        assert plain["tokens"] == kind["tokens"] and plain["flops"] > 0
+        assert len(plain["seconds_all"]) == len(kind["seconds_all"]) == 1
+        assert kind["ratio_to_plain_llama"] == pytest.approx(kind["flops_per_s"] / plain["flops_per_s"])
+        # the CPU attention kernels, which torch's counter leaves out, are counted beside it
+        assert plain["attention_flops"] > 0
         assert kind["attention_flops"] > 0 and math.isfinite(kind["ratio_with_attention_to_plain_llama"])
     assert len(result["load_average_start"]) == 3
 
