@@ -173,7 +173,8 @@ def test_short_term_kv_is_reused_between_reads_and_recomputed_after_any_change(t
 
     monkeypatch.setattr(type(tiny_model.layers[0]), "memory_kv", counting)
     torch.testing.assert_close(tiny_model.read(mem, ids), first)
-    assert max(rows_projected) == 1 + tiny_model.config.ltm_read_rows, "only BOS + retrieved rows were projected"
+    K0, layers = tiny_model.config.ltm_read_rows, len(tiny_model.layers)
+    assert sorted(rows_projected) == [1] * layers + [K0] * layers, "only BOS and the retrieved rows were projected"
     # a commit, a hand edit of the pool, and a weight update each invalidate the stored K/V
     tiny_model.inject(mem, random_ids(20, seed=6))
     torch.testing.assert_close(tiny_model.read(mem, ids), tiny_model.read(mem.clone(), ids))
@@ -183,3 +184,36 @@ def test_short_term_kv_is_reused_between_reads_and_recomputed_after_any_change(t
         tiny_model.layers[1].self_attn.k_proj.lora_B["read"].weight.add_(0.5)
     torch.testing.assert_close(tiny_model.read(mem, ids), tiny_model.read(mem.clone(), ids))
     assert mem.clone().kv_store == {}, "a clone starts without stored K/V"
+
+
+def test_a_read_of_rows_just_written_equals_the_read_of_one_tensor_with_them_and_back_propagates_alike(tiny_model):
+    """A one-chunk training step reads the pool with the new block carrying its gradient (`ReadView.written`): the
+    block is projected on its own and the other rows without an input gradient. Loss and every gradient equal the
+    read of one pool tensor with the block scattered in (all rows then carry a gradient), to fp32 rounding."""
+    model = tiny_model   # eval mode: no LoRA dropout, gradients still flow
+    memory = filled(model, chunks=3)
+    ids, chunk = random_ids(12, seed=7), random_ids(20, seed=8)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    previous = memory.newest_block()
+    with torch.no_grad():
+        model.inject(memory, chunk)
+    slots = memory.slots_in_rank_order()[:, -memory.num_tokens:]
+    results = []
+    for written in (True, False):
+        delta = model.write_pass(chunk, previous)
+        torch.testing.assert_close(memory.rows.gather(1, slots[..., None].expand_as(delta)), delta.detach())
+        view = model.view(memory)
+        if written:
+            view.written = (slots, delta)
+        else:
+            rows = memory.rows.detach().clone()
+            view.rows = rows.scatter(1, slots[..., None].expand(-1, -1, rows.shape[2]), delta)
+        loss, _ = model.lm_loss(ids, torch.ones_like(ids, dtype=torch.bool), view)
+        results.append((loss.detach(), torch.autograd.grad(loss, trainable, allow_unused=True)))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_a, loss_b)
+    assert sum(g is not None for g in grads_a) > 10, "the write pass and the read both received gradients"
+    for a, b in zip(grads_a, grads_b):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import transformers
@@ -102,6 +103,13 @@ class MemoryKVCache:
         return self.lengths[layer_idx]
 
 
+class PrefixKV(NamedTuple):
+    """Keys/values [B|1, Hkv, p, hd] of memory prefix rows projected earlier (the short-term pool between reads)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+
+
 class MemoryDecoderLayer(LlamaDecoderLayer):
     """A transformers LlamaDecoderLayer that also owns its memory BOS vector and (M+) its retriever.
 
@@ -147,9 +155,12 @@ class MemoryDecoderLayer(LlamaDecoderLayer):
         """Run the layer on `hidden_states` [B, q, d] with `adapter` active.
 
         `prefix` is None (decode step: everything is in the cache already), or a callable
-        `prefix(layer, hidden_states) -> (rows [B|1, p, d], positions [B|1, p])` of memory rows; the layer prepends
-        its BOS vector at position 0 and puts their K/V into `cache` first. The q tokens see every key the cache holds
-        before them and causally each other (`attention.memory_attention`).
+        `prefix(layer, hidden_states) -> [part, ...]` of the memory rows in front of the tokens, each part either
+        `(rows [B|1, p, d], positions [B|1, p])` to project or a `PrefixKV` projected earlier; the layer prepends its
+        BOS vector at position 0 and puts their K/V into `cache` first. The q tokens see every key the cache holds
+        before them and causally each other (`attention.memory_attention`); the order of the parts does not matter.
+        Each part is projected on its own, so that the rows a gradient flows into (BOS, rows just written in a
+        training step) do not make autograd back-propagate into thousands of gradient-free ones.
         `keys_only`: return the retriever keys f_k(RMSNorm_in(rows)) of `hidden_states` instead (inside the layer's
         forward so that FSDP has gathered the retriever's weights).
         """
@@ -159,16 +170,15 @@ class MemoryDecoderLayer(LlamaDecoderLayer):
         B = hidden_states.shape[0]
         idx = self.self_attn.layer_idx
         if prefix is not None:
-            rows, positions, *cached = prefix(self, hidden_states)
-            bos = self.memory_bos.to(rows.dtype).expand(rows.shape[0], 1, -1)
-            rows = torch.cat([bos, rows], dim=1)
-            positions = torch.cat([positions.new_zeros(positions.shape[0], 1), positions], dim=1)
-            k, v = self.memory_kv(rows, positions, rotary)
-            if k.shape[0] != B:
-                k, v = k.expand(B, -1, -1, -1), v.expand(B, -1, -1, -1)
-            if cached:   # K/V of further rows computed earlier (the short-term pool between commits)
-                ck, cv = cached[0]
-                k, v = torch.cat([k, ck.expand(B, -1, -1, -1)], 2), torch.cat([v, cv.expand(B, -1, -1, -1)], 2)
+            bos = self.memory_bos.to(hidden_states.dtype)
+            if not torch.is_grad_enabled():   # else its view would claim requires_grad without a grad_fn
+                bos = bos.detach()
+            parts = [(bos[None, None], torch.zeros(1, 1, dtype=torch.long, device=bos.device)),
+                     *prefix(self, hidden_states)]
+            kvs = [part if isinstance(part, PrefixKV) else self.memory_kv(*part, rotary)
+                   for part in parts if isinstance(part, PrefixKV) or part[0].shape[1]]
+            k = torch.cat([k.expand(B, -1, -1, -1) for k, _ in kvs], 2)
+            v = torch.cat([v.expand(B, -1, -1, -1) for _, v in kvs], 2)
             cache.prefill(idx, k, v)
         return super().forward(hidden_states, cache=cache, position_embeddings=position_embeddings)
 
@@ -194,6 +204,9 @@ class ReadView:
     ltm_query_lengths: list[int] | None = None
     """Per layer, how many leading query tokens retrieve the long-term rows (training: the official random prefix,
     `Decisions.ltm_query_lengths`); None: all of them, as at inference."""
+    written: tuple[torch.Tensor, torch.Tensor] | None = None
+    """(slots [L, K], delta [L, K, d]): rows just committed at these slots whose values carry the write pass's
+    gradient (a one-chunk training step); `rows` holds them detached. None: no row carries a gradient."""
 
 
 class RetrieverProbe:
@@ -350,7 +363,7 @@ class MPlus(nn.Module):
             else:
                 query = torch.cat([old[:, n:], h], dim=1) + e
             out = layer(query, adapter=WRITE, position_embeddings=pos, rotary=self.rotary, cache=cache,
-                        prefix=lambda _layer, _h, rows=old[:, :p]: (rows, prefix_pos))
+                        prefix=lambda _layer, _h, rows=old[:, :p]: [(rows, prefix_pos)])
             deltas.append(out[:, -K:])
             h = out[:, -n:]
         return torch.cat(deltas, dim=0)
@@ -373,7 +386,7 @@ class MPlus(nn.Module):
         if hit is None or hit[0] != key:
             kv = layer.memory_kv(view.rows[layer_idx][None].to(self.dtype), view.positions[layer_idx][None],
                                  self.rotary)
-            hit = view.kv_store[layer_idx] = (key, kv)
+            hit = view.kv_store[layer_idx] = (key, PrefixKV(*kv))
         return hit[1]
 
     def _read_prefix(self, view: "ReadView", layer_idx: int, retrieved: list | None,
@@ -393,10 +406,15 @@ class MPlus(nn.Module):
             picked, ltm_pos = self._retrieve(layer, layer_idx, queries, ltm, K0, retrieved)
             if view.kv_store is not None:
                 # The view rows' K/V come from the store; only BOS and the retrieved rows are projected here.
-                return picked, ltm_pos, self._cached_kv(view, layer_idx, layer)
-            B = picked.shape[0]
-            return (torch.cat([picked, rows_l.to(h.dtype).expand(B, -1, -1)], 1),
-                    torch.cat([ltm_pos, pos_l.expand(B, -1)], 1))
+                return [(picked, ltm_pos), self._cached_kv(view, layer_idx, layer)]
+            if view.written is None:
+                return [(picked, ltm_pos), (rows_l.to(h.dtype), pos_l)]
+            # The rows just written carry the write pass's gradient: projected from `delta`, the others without it.
+            slots, delta = view.written
+            kept = torch.ones(rows_l.shape[1], dtype=torch.bool, device=rows_l.device)
+            kept[slots[layer_idx]] = False
+            return [(picked, ltm_pos), (rows_l[:, kept].to(h.dtype), pos_l[:, kept]),
+                    (delta[layer_idx][None].to(h.dtype), pos_l[:, slots[layer_idx]])]
         return prefix
 
     @staticmethod

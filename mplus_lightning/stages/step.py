@@ -511,12 +511,9 @@ class MemoryStep:
             if n_chunks == 1 and cfg.single_chunk_gradient:
                 delta = model.write_pass(chunks[0][None].to(self.device), memory.newest_block())
                 slots = self._commit(memory, self.row_stamps, delta, stamps[0])
-                # The committed rows, with the new block carrying its gradient back into the write pass. In delta's
-                # dtype: under bf16 autocast the memory is bf16 while the write pass returns float32.
-                rows = memory.rows.detach().to(delta.dtype, copy=True)
-                rows.scatter_(1, slots[..., None].expand(-1, -1, rows.shape[2]), delta)
+                # The committed rows are read with the new block carrying its gradient back into the write pass.
                 view = self._view(memory, ids.shape[1], labels.query_tokens)
-                view.rows = rows
+                view.written = (slots, delta)
             else:
                 self._inject_no_grad(memory, self.row_stamps, chunks, stamps)
                 view = self._view(memory, ids.shape[1], labels.query_tokens)
