@@ -51,3 +51,30 @@ def test_one_step_trains_both_adapters():
     loss.backward()
     for name in ("write", "read"):
         assert net.q_proj.lora_A[name].weight.grad.abs().sum() > 0, name
+
+
+def test_the_addmm_forward_equals_peft_own_forward_with_its_gradients():
+    """AddmmLoraLinear folds peft's `base + B(A(x)) * s` into one addmm: same outputs and gradients (fp32 rounding),
+    and peft's own forward for what it does not cover (two active adapters here)."""
+    net = tiny_lora()
+    layer = net.q_proj
+    assert type(layer).__name__ == "AddmmLoraLinear"
+    x = torch.randn(2, 5, 6, requires_grad=True)
+    for active in (["read"], ["write"], [], ["write", "read"]):
+        layer._active_adapter = active
+        outs, grads = [], []
+        for forward in (type(layer).forward, LoraLinear.forward):   # ours, then peft's
+            out = forward(layer, x)
+            out.square().sum().backward()
+            outs.append(out.detach())
+            grads.append([t.grad.clone() for t in (x, *layer.parameters()) if t.grad is not None])
+            for t in (x, *layer.parameters()):
+                t.grad = None
+        torch.testing.assert_close(outs[0], outs[1])
+        assert len(grads[0]) == len(grads[1]) == 1 + 2 * len(active)
+        for ours, peft in zip(*grads):
+            torch.testing.assert_close(ours, peft)
+    # under bf16 autocast the output has peft's dtype
+    layer._active_adapter = ["read"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == LoraLinear.forward(layer, x).dtype == torch.bfloat16

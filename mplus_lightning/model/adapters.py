@@ -17,6 +17,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.lora.layer import Linear as LoraLinear
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -36,6 +37,32 @@ def add_lora_adapters(model: nn.Module, *, r: int, alpha: float, dropout: float,
         for name in names:
             for p in (*module.lora_A[name].parameters(), *module.lora_B[name].parameters()):
                 p.requires_grad_(True)
+        if type(module) is LoraLinear:
+            module.__class__ = AddmmLoraLinear
+
+
+class AddmmLoraLinear(LoraLinear):
+    """peft's LoRA Linear whose plain-LoRA forward adds s (x A^T) B^T to the base output inside one addmm.
+
+    peft computes `base + B(A(x)) * s`: two more passes over the [n, d_out] output, forward and backward, which on
+    CPU cost about as much as the rank-r matmuls themselves. Everything else (several or no active adapters, DoRA and
+    other variants, merged weights, extra arguments, mixed dtypes outside autocast) runs peft's own forward.
+    """
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        active = self.active_adapters
+        name = active[0] if len(active) == 1 else None
+        if (args or kwargs or name is None or self.disable_adapters or self.merged or name not in self.lora_A
+                or name in self.lora_variant or self.lora_B[name].bias is not None):
+            return super().forward(x, *args, **kwargs)
+        base, a, b = self.base_layer, self.lora_A[name], self.lora_B[name]
+        if a.weight.dtype != base.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            return super().forward(x, *args, **kwargs)
+        y = base(x)
+        xa = a(self.lora_dropout[name](x))
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.weight.t(),
+                          alpha=self.scaling[name])
+        return out.view(y.shape)
 
 
 def lora_modules(module: nn.Module) -> list[BaseTunerLayer]:
