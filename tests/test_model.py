@@ -173,8 +173,7 @@ def test_short_term_kv_is_reused_between_reads_and_recomputed_after_any_change(t
 
     monkeypatch.setattr(type(tiny_model.layers[0]), "memory_kv", counting)
     torch.testing.assert_close(tiny_model.read(mem, ids), first)
-    K0, layers = tiny_model.config.ltm_read_rows, len(tiny_model.layers)
-    assert sorted(rows_projected) == [1] * layers + [K0] * layers, "only BOS and the retrieved rows were projected"
+    assert max(rows_projected) == 1 + tiny_model.config.ltm_read_rows, "only BOS + retrieved rows were projected"
     # a commit, a hand edit of the pool, and a weight update each invalidate the stored K/V
     tiny_model.inject(mem, random_ids(20, seed=6))
     torch.testing.assert_close(tiny_model.read(mem, ids), tiny_model.read(mem.clone(), ids))

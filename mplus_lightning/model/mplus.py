@@ -158,9 +158,9 @@ class MemoryDecoderLayer(LlamaDecoderLayer):
         `prefix(layer, hidden_states) -> [part, ...]` of the memory rows in front of the tokens, each part either
         `(rows [B|1, p, d], positions [B|1, p])` to project or a `PrefixKV` projected earlier; the layer prepends its
         BOS vector at position 0 and puts their K/V into `cache` first. The q tokens see every key the cache holds
-        before them and causally each other (`attention.memory_attention`); the order of the parts does not matter.
-        Each part is projected on its own, so that the rows a gradient flows into (BOS, rows just written in a
-        training step) do not make autograd back-propagate into thousands of gradient-free ones.
+        before them and causally each other (`attention.memory_attention`); the order of the keys does not matter.
+        The rows a gradient flows into (BOS, rows just written in a training step) are projected apart from the
+        others, so that autograd does not back-propagate into thousands of gradient-free rows.
         `keys_only`: return the retriever keys f_k(RMSNorm_in(rows)) of `hidden_states` instead (inside the layer's
         forward so that FSDP has gathered the retriever's weights).
         """
@@ -175,8 +175,15 @@ class MemoryDecoderLayer(LlamaDecoderLayer):
                 bos = bos.detach()
             parts = [(bos[None, None], torch.zeros(1, 1, dtype=torch.long, device=bos.device)),
                      *prefix(self, hidden_states)]
-            kvs = [part if isinstance(part, PrefixKV) else self.memory_kv(*part, rotary)
-                   for part in parts if isinstance(part, PrefixKV) or part[0].shape[1]]
+            kvs = [part for part in parts if isinstance(part, PrefixKV)]
+            for carries_gradient in (True, False):
+                group = [part for part in parts if not isinstance(part, PrefixKV) and part[0].shape[1]
+                         and part[0].requires_grad == carries_gradient]
+                if group:
+                    size = max(r.shape[0] for r, _ in group)
+                    rows = torch.cat([r.expand(size, -1, -1) for r, _ in group], 1)
+                    positions = torch.cat([p.expand(size, -1) for _, p in group], 1)
+                    kvs.insert(0, self.memory_kv(rows, positions, rotary))
             k = torch.cat([k.expand(B, -1, -1, -1) for k, _ in kvs], 2)
             v = torch.cat([v.expand(B, -1, -1, -1) for _, v in kvs], 2)
             cache.prefill(idx, k, v)
