@@ -110,6 +110,15 @@ class PrefixKV(NamedTuple):
     values: torch.Tensor
 
 
+class GradientFreeRows(NamedTuple):
+    """Memory prefix rows [B|1, p, d] at positions [B|1, p] that no gradient flows into (a training read's pool and
+    retrieved rows): projected apart from BOS and the rows that carry one, so that autograd does not back-propagate
+    into them. Worth it for thousands of rows; a few (a write pass's previous block) ride along with BOS."""
+
+    rows: torch.Tensor
+    positions: torch.Tensor
+
+
 class MemoryDecoderLayer(LlamaDecoderLayer):
     """A transformers LlamaDecoderLayer that also owns its memory BOS vector and (M+) its retriever.
 
@@ -159,8 +168,7 @@ class MemoryDecoderLayer(LlamaDecoderLayer):
         `(rows [B|1, p, d], positions [B|1, p])` to project or a `PrefixKV` projected earlier; the layer prepends its
         BOS vector at position 0 and puts their K/V into `cache` first. The q tokens see every key the cache holds
         before them and causally each other (`attention.memory_attention`); the order of the keys does not matter.
-        The rows a gradient flows into (BOS, rows just written in a training step) are projected apart from the
-        others, so that autograd does not back-propagate into thousands of gradient-free rows.
+        `GradientFreeRows` parts are projected apart from BOS and the other parts (see there).
         `keys_only`: return the retriever keys f_k(RMSNorm_in(rows)) of `hidden_states` instead (inside the layer's
         forward so that FSDP has gathered the retriever's weights).
         """
@@ -176,14 +184,14 @@ class MemoryDecoderLayer(LlamaDecoderLayer):
             parts = [(bos[None, None], torch.zeros(1, 1, dtype=torch.long, device=bos.device)),
                      *prefix(self, hidden_states)]
             kvs = [part for part in parts if isinstance(part, PrefixKV)]
-            for carries_gradient in (True, False):
+            for apart in (False, True):
                 group = [part for part in parts if not isinstance(part, PrefixKV) and part[0].shape[1]
-                         and part[0].requires_grad == carries_gradient]
+                         and isinstance(part, GradientFreeRows) == apart]
                 if group:
                     size = max(r.shape[0] for r, _ in group)
                     rows = torch.cat([r.expand(size, -1, -1) for r, _ in group], 1)
                     positions = torch.cat([p.expand(size, -1) for _, p in group], 1)
-                    kvs.insert(0, self.memory_kv(rows, positions, rotary))
+                    kvs.insert(len(kvs) if apart else 0, self.memory_kv(rows, positions, rotary))
             k = torch.cat([k.expand(B, -1, -1, -1) for k, _ in kvs], 2)
             v = torch.cat([v.expand(B, -1, -1, -1) for _, v in kvs], 2)
             cache.prefill(idx, k, v)
@@ -414,14 +422,17 @@ class MPlus(nn.Module):
             if view.kv_store is not None:
                 # The view rows' K/V come from the store; only BOS and the retrieved rows are projected here.
                 return [(picked, ltm_pos), self._cached_kv(view, layer_idx, layer)]
-            if view.written is None:
-                return [(picked, ltm_pos), (rows_l.to(h.dtype), pos_l)]
-            # The rows just written carry the write pass's gradient: projected from `delta`, the others without it.
-            slots, delta = view.written
-            kept = torch.ones(rows_l.shape[1], dtype=torch.bool, device=rows_l.device)
-            kept[slots[layer_idx]] = False
-            return [(picked, ltm_pos), (rows_l[:, kept].to(h.dtype), pos_l[:, kept]),
-                    (delta[layer_idx][None].to(h.dtype), pos_l[:, slots[layer_idx]])]
+            rows, positions, written = rows_l, pos_l, []
+            if view.written is not None:   # the rows just written carry the write pass's gradient: from `delta`
+                slots, delta = view.written
+                kept = torch.ones(rows_l.shape[1], dtype=torch.bool, device=rows_l.device)
+                kept[slots[layer_idx]] = False
+                rows, positions = rows_l[:, kept], pos_l[:, kept]
+                written = [(delta[layer_idx][None].to(h.dtype), pos_l[:, slots[layer_idx]])]
+            parts = [(picked, ltm_pos), (rows.to(h.dtype), positions)]
+            if torch.is_grad_enabled() and not rows.requires_grad:   # a training read: thousands of them
+                parts = [GradientFreeRows(*part) for part in parts]
+            return parts + written
         return prefix
 
     @staticmethod
