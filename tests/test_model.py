@@ -216,3 +216,29 @@ def test_a_read_of_rows_just_written_equals_the_read_of_one_tensor_with_them_and
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b)
+
+
+def test_a_training_read_projects_its_gradient_free_rows_apart_from_bos(tiny_model, monkeypatch):
+    """BOS is a parameter: projected together with the pool, autograd would back-propagate into every pool row. In a
+    training read the pool and the retrieved rows are projected apart (without an input gradient); a write pass's
+    few previous rows project with BOS in one call, and so do the retrieved rows of an inference read."""
+    memory = filled(tiny_model, chunks=6)
+    calls = []
+    real = type(tiny_model.layers[0]).memory_kv
+
+    def recording(layer, rows, positions, rotary):
+        calls.append((rows.shape[1], rows.requires_grad))
+        return real(layer, rows, positions, rotary)
+
+    monkeypatch.setattr(type(tiny_model.layers[0]), "memory_kv", recording)
+    ids = random_ids(10, seed=5)
+    L, K0, N, K = (len(tiny_model.layers), tiny_model.config.ltm_read_rows, memory.size, memory.num_tokens)
+    tiny_model.lm_loss(ids, torch.ones_like(ids, dtype=torch.bool), tiny_model.view(memory))
+    assert sorted(calls) == sorted([(1, True), (K0 + N, False)] * L)
+    calls.clear()
+    tiny_model.write_pass(random_ids(20, seed=6), memory.newest_block())
+    assert calls == [(1 + K, True)] * L
+    calls.clear()
+    with torch.no_grad():   # inference: the pool's K/V into the memory's store, BOS with the retrieved rows
+        tiny_model.read(memory.clone(), ids)
+    assert sorted(calls) == sorted([(N, False), (1 + K0, False)] * L)
