@@ -131,10 +131,11 @@ def _load_average() -> list[float] | None:
         return None
 
 
-def _rate(flops: int, attention_flops: int, secs: list[float]) -> dict[str, Any]:
+def _rate(tokens: int, flops: int, attention_flops: int, secs: list[float]) -> dict[str, Any]:
     med = statistics.median(secs)
-    return {"seconds": med, "seconds_all": secs, "flops": flops, "flops_per_s": flops / med,
-            "attention_flops": attention_flops, "flops_per_s_with_attention": (flops + attention_flops) / med}
+    return {"tokens": tokens, "seconds": med, "seconds_all": secs, "tokens_per_s": tokens / med, "flops": flops,
+            "flops_per_s": flops / med, "attention_flops": attention_flops,
+            "flops_per_s_with_attention": (flops + attention_flops) / med}
 
 
 def run_training(shape, threads: int = 2, repeats: int = 3) -> dict[str, Any]:
@@ -177,9 +178,8 @@ def run_training(shape, threads: int = 2, repeats: int = 3) -> dict[str, Any]:
         for _ in range(repeats):
             secs += _time(step, 1, warmup=0)
             plain_secs += _time(plain_step, 1, warmup=0)
-        kinds[kind] = {**_rate(flops, attention_flops, secs), "tokens": tokens,
-                       "tokens_per_s": tokens / statistics.median(secs),
-                       "plain_llama": {"tokens": tokens, **_rate(*plain_flops[tokens], plain_secs)}}
+        kinds[kind] = {**_rate(tokens, flops, attention_flops, secs),
+                       "plain_llama": _rate(tokens, *plain_flops[tokens], plain_secs)}
         k, p = kinds[kind], kinds[kind]["plain_llama"]
         k["ratio_to_plain_llama"] = k["flops_per_s"] / p["flops_per_s"]
         k["ratio_with_attention_to_plain_llama"] = k["flops_per_s_with_attention"] / p["flops_per_s_with_attention"]

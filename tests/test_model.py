@@ -187,8 +187,8 @@ def test_short_term_kv_is_reused_between_reads_and_recomputed_after_any_change(t
 
 def test_a_read_of_rows_just_written_equals_the_read_of_one_tensor_with_them_and_back_propagates_alike(tiny_model):
     """A one-chunk training step reads the pool with the new block carrying its gradient (`ReadView.written`): the
-    block is projected on its own and the other rows without an input gradient. Loss and every gradient equal the
-    read of one pool tensor with the block scattered in (all rows then carry a gradient), to fp32 rounding."""
+    block is projected with BOS and the other rows apart, without an input gradient. Loss and every gradient equal
+    the read of one pool tensor with the block scattered in (all rows then carry a gradient), to fp32 rounding."""
     model = tiny_model   # eval mode: no LoRA dropout, gradients still flow
     memory = filled(model, chunks=3)
     ids, chunk = random_ids(12, seed=7), random_ids(20, seed=8)

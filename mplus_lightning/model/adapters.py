@@ -53,11 +53,11 @@ class AddmmLoraLinear(LoraLinear):
         active = self.active_adapters
         name = active[0] if len(active) == 1 else None
         if (args or kwargs or name is None or self.disable_adapters or self.merged or name not in self.lora_A
-                or name in self.lora_variant or self.lora_B[name].bias is not None):
+                or not _plain_lora(self, name)
+                or (self.lora_A[name].weight.dtype != self.base_layer.weight.dtype
+                    and not torch.is_autocast_enabled(x.device.type))):
             return super().forward(x, *args, **kwargs)
         base, a, b = self.base_layer, self.lora_A[name], self.lora_B[name]
-        if a.weight.dtype != base.weight.dtype and not torch.is_autocast_enabled(x.device.type):
-            return super().forward(x, *args, **kwargs)
         y = base(x)
         xa = a(self.lora_dropout[name](x))
         out = torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.weight.t(),
@@ -100,6 +100,12 @@ class Projection:
         return tuple(t for t in (self.weight, self.bias, self.lora_a, self.lora_b) if t is not None)
 
 
+def _plain_lora(module: BaseTunerLayer, adapter: str) -> bool:
+    """Whether `adapter` of this LoRA module is plain LoRA, y = x W^T + s (x A^T) B^T: no DoRA or other variant, no
+    bias on B."""
+    return adapter not in getattr(module, "lora_variant", {}) and module.lora_B[adapter].bias is None
+
+
 def _parts(module: nn.Module, adapter: str | None) -> tuple[nn.Linear, nn.Parameter | None, nn.Parameter | None, float]:
     """(base linear, A, B, scale) of a linear with `adapter` (A, B None: no such adapter, or a plain nn.Linear).
 
@@ -109,8 +115,7 @@ def _parts(module: nn.Module, adapter: str | None) -> tuple[nn.Linear, nn.Parame
     base = module.base_layer
     if adapter is None or adapter not in module.lora_A:
         return base, None, None, 1.0
-    if adapter in getattr(module, "lora_variant", {}) or getattr(module, "fan_in_fan_out", False) \
-            or module.lora_B[adapter].bias is not None:
+    if not _plain_lora(module, adapter) or getattr(module, "fan_in_fan_out", False):
         raise NotImplementedError(f"adapter {adapter!r}: only plain LoRA (no DoRA, bias or fan_in_fan_out) is folded")
     return base, module.lora_A[adapter].weight, module.lora_B[adapter].weight, float(module.scaling[adapter])
 

@@ -159,6 +159,13 @@ class MemoryDecoderLayer(LlamaDecoderLayer):
         k = k * cos[:, None] + rotate_half(k) * sin[:, None]
         return k, v
 
+    def _project(self, parts: list, rotary: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """`memory_kv` of several (rows, positions) parts in one call, batch-1 parts broadcast to the others' batch."""
+        size = max(rows.shape[0] for rows, _ in parts)
+        rows = torch.cat([r.expand(size, -1, -1) for r, _ in parts], 1)
+        positions = torch.cat([p.expand(size, -1) for _, p in parts], 1)
+        return self.memory_kv(rows, positions, rotary)
+
     def forward(self, hidden_states, *, adapter: str | None = None, position_embeddings=None, rotary=None,
                 cache: MemoryKVCache | None = None, prefix=None, keys_only: bool = False):
         """Run the layer on `hidden_states` [B, q, d] with `adapter` active.
@@ -183,15 +190,11 @@ class MemoryDecoderLayer(LlamaDecoderLayer):
                 bos = bos.detach()
             parts = [(bos[None, None], torch.zeros(1, 1, dtype=torch.long, device=bos.device)),
                      *prefix(self, hidden_states)]
-            kvs = [part for part in parts if isinstance(part, PrefixKV)]
-            for apart in (False, True):
-                group = [part for part in parts if not isinstance(part, PrefixKV) and part[0].shape[1]
-                         and isinstance(part, GradientFreeRows) == apart]
-                if group:
-                    size = max(r.shape[0] for r, _ in group)
-                    rows = torch.cat([r.expand(size, -1, -1) for r, _ in group], 1)
-                    positions = torch.cat([p.expand(size, -1) for _, p in group], 1)
-                    kvs.insert(len(kvs) if apart else 0, self.memory_kv(rows, positions, rotary))
+            to_project = [part for part in parts if not isinstance(part, PrefixKV) and part[0].shape[1]]
+            joint = [part for part in to_project if not isinstance(part, GradientFreeRows)]   # BOS is one of them
+            apart = [part for part in to_project if isinstance(part, GradientFreeRows)]
+            kvs = [self._project(joint, rotary), *(part for part in parts if isinstance(part, PrefixKV)),
+                   *([self._project(apart, rotary)] if apart else [])]
             k = torch.cat([k.expand(B, -1, -1, -1) for k, _ in kvs], 2)
             v = torch.cat([v.expand(B, -1, -1, -1) for _, v in kvs], 2)
             cache.prefill(idx, k, v)
@@ -425,8 +428,10 @@ class MPlus(nn.Module):
             rows, positions, written = rows_l, pos_l, []
             if view.written is not None:   # the rows just written carry the write pass's gradient: from `delta`
                 slots, delta = view.written
-                kept = torch.ones(rows_l.shape[1], dtype=torch.bool, device=rows_l.device)
-                kept[slots[layer_idx]] = False
+                kept = torch.ones(rows_l.shape[1], dtype=torch.int8, device=rows_l.device)
+                kept[slots[layer_idx]] = 0
+                # the kept slots in order, without a boolean mask (which would wait for the device to count them)
+                kept = kept.sort(descending=True, stable=True).indices[: rows_l.shape[1] - slots.shape[1]]
                 rows, positions = rows_l[:, kept], pos_l[:, kept]
                 written = [(delta[layer_idx][None].to(h.dtype), pos_l[:, slots[layer_idx]])]
             parts = [(picked, ltm_pos), (rows.to(h.dtype), positions)]
