@@ -3,12 +3,9 @@
     python -m mplus_lightning.demo [--quick] [--out checkpoints/demo] [--data data/generated/demo] [--seed 0]
 
 1. Writes a deterministic synthetic corpus of facts about people (birth city, birth year, employer) and question /
-   answer pairs to `data/generated/demo/` (mplus_lightning/data/facts.py), and trains a byte-level BPE tokenizer on
-   it (`train_tiny_tokenizer`).
-2. Trains a tiny Llama-shaped M+ from scratch: first the Llama alone on facts and questions in its context window
-   (the released M+ starts from a pretrained Llama; ours has to learn to read a fact back first), then the three
-   memory stages, exactly as
-       python -m mplus_lightning.fit --config experiments/demo_pretrain.yaml (plain Llama, batches of 64)
+   answer pairs to `data/generated/demo/` (mplus_lightning/data/facts.py), with the backbone's tokenizer.
+2. Trains a tiny Llama-shaped M+ through the three memory stages, starting from the committed backbone
+   `data/demo_backbone/` (as the released M+ starts from a pretrained Llama), exactly as
        python -m mplus_lightning.fit --config experiments/demo_stage1.yaml   (MemoryLLM)
        python -m mplus_lightning.fit --config experiments/demo_stage2.yaml   (+ retriever training)
        python -m mplus_lightning.fit --config experiments/demo_ltm.yaml      (+ long-term memory)
@@ -22,6 +19,16 @@
 
 `--quick` runs the same pipeline at a miniature size (a few steps per stage, a few evaluation items), for tests.
 
+The backbone is the tiny Llama after the project's own pretrain stage (experiments/demo_pretrain.yaml: facts and
+questions in its context window, seed 0), committed with its tokenizer (about 1 MB). `--make-backbone`
+(`make demo-backbone`) regenerates it: the seed-0 corpus and tokenizer, then that stage, pinned like the demo, and
+says whether the result is byte-identical to the committed file. Why one committed backbone: whether stage 1 learns
+to look a fact up by name in memory or only to read the newest block depends on the pretrained backbone (1 of 7
+pretrain runs tried gave one that learns the lookup), not on the corpus or the seed of the memory stages; from this
+backbone it learned the lookup on every corpus seed tried (docs/demo-history.md, sections 8-9). `--seed S` draws
+the corpus (people, attributes, held-out facts, distractors), the memory's initial rows, the memory stages' training
+and the evaluation; the backbone and tokenizer are the same for every seed.
+
 The same command, seed and commit print the same table on every machine with the same kind of CPU, under any load:
 everything random is seeded, and what else chooses how floats are added up is pinned (`PINNED_ENV`). Training
 forms its lookups abruptly after a plateau, so a rounding difference in the first steps can end in another table.
@@ -34,6 +41,7 @@ How the recipe (corpus shape, pretrain stage, learning rates, step counts) was f
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import os
@@ -53,10 +61,18 @@ from .data.files import iter_jsonl
 from .progress import Progress, silence_noise
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = (("pretrain", "demo_pretrain.yaml"), ("stage1", "demo_stage1.yaml"), ("stage2", "demo_stage2.yaml"),
-          ("ltm", "demo_ltm.yaml"))
+STAGES = (("stage1", "demo_stage1.yaml"), ("stage2", "demo_stage2.yaml"), ("ltm", "demo_ltm.yaml"))
+PRETRAIN = ("pretrain", "demo_pretrain.yaml")
+BACKBONE = ROOT / "data" / "demo_backbone"
+BACKBONE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+BACKBONE_SEED = 0
+"""The corpus seed the committed backbone was pretrained on (`make_backbone`)."""
+STAGE_SEED = 42
+"""The memory stages' `trainer.seed` for `--seed 0` (their configs' default); seed S trains with STAGE_SEED + S."""
 EVAL_CONFIG = "demo_eval.yaml"
 TOKENIZER_VOCAB = 1024
+FACT_TOKENS = 6
+"""Tokens of every fact ("Fact: Tina Horvat Madrid."): one memory block of K = 6 rows (demo_stage1.yaml)."""
 """Asked of the BPE trainer; the facts support fewer merges (about 830 tokens), all words become single tokens."""
 BUDGET_S = 15 * 60
 TARGETS = {"distance0": 0.9, "far_mplus": 0.5, "far_memoryllm": 0.2, "far_share": 0.1}
@@ -110,15 +126,29 @@ def _fmt_s(s: float) -> str:
 
 
 # ---- 1. data -------------------------------------------------------------------------------------------------------
-def prepare_data(data_dir: Path, seed: int = 0) -> dict[str, Path]:
+def prepare_data(data_dir: Path, seed: int = 0, tokenizer: Path | None = None) -> dict[str, Path]:
     """The facts corpus, the retention files and the tokenizer in `data_dir` (rewritten every time: cheap, and a
-    stale corpus from another seed could otherwise mix with a new tokenizer)."""
-    from .data.tokenizer import train_tiny_tokenizer
+    stale corpus from another seed could otherwise mix with a new tokenizer). `tokenizer`: a tokenizer directory to
+    copy (the backbone's), checked to write every fact as one block of `FACT_TOKENS` tokens; None: train one on the
+    corpus (`train_tiny_tokenizer`)."""
+    from .data.tokenizer import load_tokenizer, train_tiny_tokenizer
 
     corpus = facts_lib.generate_corpus(seed)
     paths = facts_lib.write_corpus(corpus, data_dir)
     tok_dir = data_dir / "tokenizer"
-    tok = train_tiny_tokenizer(facts_lib.tokenizer_texts(corpus), TOKENIZER_VOCAB, tok_dir)
+    if tokenizer is None:
+        tok = train_tiny_tokenizer(facts_lib.tokenizer_texts(corpus), TOKENIZER_VOCAB, tok_dir)
+    else:
+        tok_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(tokenizer / name, tok_dir / name)
+        tok = load_tokenizer(tok_dir)
+        enc = facts_lib.FactEncoder(tok)
+        for person in (*corpus.train, *corpus.val, *corpus.heldout):
+            if len(enc.context(person)) != FACT_TOKENS:
+                raise ValueError(f"the tokenizer in {tokenizer} writes {person.fact()!r} as "
+                                 f"{len(enc.context(person))} tokens, not {FACT_TOKENS}: regenerate the backbone "
+                                 "with `make demo-backbone`")
     paths["tokenizer"] = tok_dir
     log(f"  {len(corpus.train)} training people, {len(corpus.val)} validation people, {len(corpus.heldout)} held-out "
         f"people (disjoint name pairs); tokenizer of {len(tok)} tokens")
@@ -255,28 +285,72 @@ def seed_table(summaries: list[dict[str, Any]]) -> tuple[str, int]:
     return "\n".join(lines), median_run
 
 
+# ---- the backbone ----------------------------------------------------------------------------------------------
+def check_backbone(backbone: Path) -> str:
+    """sha256 of the backbone's weights; a one-line error when a file is missing."""
+    missing = [name for name in BACKBONE_FILES if not (backbone / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"demo backbone {backbone} lacks {', '.join(missing)}: `make demo-backbone` "
+                                "regenerates it (about 8 minutes), or pass --backbone DIR")
+    return hashlib.sha256((backbone / "model.safetensors").read_bytes()).hexdigest()
+
+
+def make_backbone(out: str | Path = BACKBONE, work: str | Path = "checkpoints/demo/backbone", *,
+                  quick: bool = False) -> dict[str, Any]:
+    """Regenerate the demo's backbone in `out`: the seed-0 corpus and its tokenizer, then the pretrain stage
+    (experiments/demo_pretrain.yaml) in `work`, pinned like the demo; its export's files are copied to `out`.
+    Returns {"sha256", "previous_sha256", "identical"} (identical: the weights equal what `out` held before)."""
+    out, work = Path(out), Path(work)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)   # PINNED_THREADS
+    try:
+        _quiet()
+        previous = check_backbone(out) if all((out / n).is_file() for n in BACKBONE_FILES) else None
+        log(f"== backbone: seed-{BACKBONE_SEED} corpus and tokenizer -> {work / 'data'}")
+        prepare_data(work / "data", BACKBONE_SEED)
+        stage, yaml_name = PRETRAIN
+        extra = QUICK_STAGE + QUICK_PRETRAIN if quick else []
+        cfg = stage_config(yaml_name, work, work / "data", None, extra)
+        log(f"== backbone: python -m mplus_lightning.fit --config experiments/{yaml_name}  "
+            f"[{cfg.trainer.max_steps} steps, batches of {cfg.data.params.get('batch_size')}]")
+        t = time.perf_counter()
+        export = train_stage(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in BACKBONE_FILES:
+            shutil.copyfile(export / name, out / name)
+        digest = check_backbone(out)
+    finally:
+        torch.set_num_threads(threads_before)
+    same = previous == digest
+    log(f"  backbone written to {out} in {_fmt_s(time.perf_counter() - t)}: model.safetensors sha256 {digest[:16]}... "
+        + ("(byte-identical to the one it replaced)" if same else
+           "(new)" if previous is None else f"(DIFFERS from the one it replaced, {previous[:16]}...)"))
+    return {"sha256": digest, "previous_sha256": previous, "identical": same}
+
+
 # ---- main ----------------------------------------------------------------------------------------------------------
 def run_demo(out: str | Path = "checkpoints/demo", data: str | Path = "data/generated/demo", *, quick: bool = False,
-             seed: int = 0, stage_overrides: list[str] | None = None,
+             seed: int = 0, backbone: str | Path = BACKBONE, stage_overrides: list[str] | None = None,
              eval_overrides: list[str] | None = None) -> dict[str, Any]:
     """The whole demo; returns the summary (also written to <out>/demo_summary.json). Called in a process that was
     not started in the pinned environment (`PINNED_ENV`), it runs on one thread but with the kernels torch chose."""
     threads_before = torch.get_num_threads()
     levels_before = {name: logging.getLogger(name).level for name in QUIETED_LOGGERS}
     try:
-        return _run_demo(Path(out), Path(data), quick=quick, seed=seed, stage_overrides=stage_overrides,
-                         eval_overrides=eval_overrides)
+        return _run_demo(Path(out), Path(data), Path(backbone), quick=quick, seed=seed,
+                         stage_overrides=stage_overrides, eval_overrides=eval_overrides)
     finally:
         torch.set_num_threads(threads_before)
         for name, level in levels_before.items():   # a caller in the same process gets its logs back
             logging.getLogger(name).setLevel(level)
 
 
-def _run_demo(out: Path, data_dir: Path, *, quick: bool, seed: int, stage_overrides: list[str] | None,
-              eval_overrides: list[str] | None) -> dict[str, Any]:
+def _run_demo(out: Path, data_dir: Path, backbone: Path, *, quick: bool, seed: int,
+              stage_overrides: list[str] | None, eval_overrides: list[str] | None) -> dict[str, Any]:
     t_start = time.perf_counter()
     torch.set_num_threads(1)   # PINNED_THREADS, also when called in a process started with more
     _quiet()
+    backbone_sha = check_backbone(backbone)
     timings: dict[str, float] = {}
     environment = {k: os.environ.get(k) for k in PINNED_ENV}
     settings = ", ".join(f"{k}={v}" for k, v in environment.items() if v is not None) or "none of PINNED_ENV"
@@ -284,21 +358,20 @@ def _run_demo(out: Path, data_dir: Path, *, quick: bool, seed: int, stage_overri
         f"NOT in the pinned environment ({settings}): the table may differ from another run's; "
         "`python -m mplus_lightning.demo` pins it")
 
-    log(f"== 1/4 data: facts corpus and tokenizer -> {data_dir}")
+    log(f"== 1/4 data: facts corpus of seed {seed} -> {data_dir}, tokenizer of the backbone {backbone}")
     t = time.perf_counter()
-    prepare_data(data_dir, seed)
+    prepare_data(data_dir, seed, tokenizer=backbone)
     timings["data"] = time.perf_counter() - t
 
-    prev = None
+    prev = backbone
+    seeds = [f"trainer.seed={STAGE_SEED + seed}"]
     for i, (stage, yaml_name) in enumerate(STAGES, start=1):
-        extra = (QUICK_STAGE + (QUICK_PRETRAIN if stage == "pretrain" else []) if quick else [])
+        extra = (QUICK_STAGE if quick else []) + seeds
         cfg = stage_config(yaml_name, out, data_dir, prev, extra + list(stage_overrides or []))
         m = cfg.model
-        what = (f"batches of {cfg.data.params.get('batch_size')} in-context sequences, no memory" if stage == "pretrain"
-                else f"pool {m.num_blocks - m.num_ltm_blocks} x {m.num_tokens} rows, "
-                     f"{m.num_ltm_blocks * m.num_tokens} long-term rows read")
         log(f"== 2/4 training {stage} ({i}/{len(STAGES)}): python -m mplus_lightning.fit --config "
-            f"experiments/{yaml_name}  [{cfg.trainer.max_steps} steps, {what}]")
+            f"experiments/{yaml_name}  [{cfg.trainer.max_steps} steps, pool {m.num_blocks - m.num_ltm_blocks} x "
+            f"{m.num_tokens} rows, {m.num_ltm_blocks * m.num_tokens} long-term rows read, from {prev}]")
         t = time.perf_counter()
         prev = train_stage(cfg)
         timings[stage] = time.perf_counter() - t
@@ -306,7 +379,8 @@ def _run_demo(out: Path, data_dir: Path, *, quick: bool, seed: int, stage_overri
 
     from .eval.retention import run_retention
 
-    ecfg = eval_config(prev, out, data_dir, (QUICK_EVAL if quick else []) + list(eval_overrides or []))
+    ecfg = eval_config(prev, out, data_dir, (QUICK_EVAL if quick else []) + [f"seed={seed}"]
+                       + list(eval_overrides or []))
     log(f"== 3/4 retention evaluation: {ecfg.num_items} held-out facts, distances {list(ecfg.distances)} tokens, "
         f"modes {list(ecfg.modes)}")
     t = time.perf_counter()
@@ -320,6 +394,8 @@ def _run_demo(out: Path, data_dir: Path, *, quick: bool, seed: int, stage_overri
     summary["files"] = {"results": str(Path(ecfg.out) / "results.json"), "plot": str(Path(ecfg.out) / "retention.png"),
                         "tensorboard": str(out), "model": str(prev), "data": str(data_dir)}
     summary["quick"] = quick
+    summary["seed"] = seed
+    summary["backbone"] = {"path": str(backbone), "sha256": backbone_sha}
     summary["environment"] = {**environment, "torch": torch.__version__,
                               "cpu": torch.cpu.get_capabilities().get("cpu_name")}
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -366,7 +442,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="checkpoints/demo", help="outputs (runs, evaluation, summary)")
     p.add_argument("--data", default="data/generated/demo", help="generated corpus and tokenizer")
     p.add_argument("--quick", action="store_true", help="miniature run (a few steps, a few items): a smoke test")
-    p.add_argument("--seed", type=int, default=0, help="corpus seed")
+    p.add_argument("--seed", type=int, default=0,
+                   help="corpus, memory initialisation, memory-stage training and evaluation seed")
+    p.add_argument("--backbone", default=str(BACKBONE),
+                   help="pretrained tiny Llama to start from (default: %(default)s)")
+    p.add_argument("--make-backbone", action="store_true",
+                   help="instead of the demo: regenerate the backbone (seed-0 corpus + pretrain stage) into --backbone")
     p.add_argument("--collect", nargs="+", metavar="OUT",
                    help="instead of the demo: the median and range over finished demo runs (their --out folders)")
     p.add_argument("--train", nargs="*", default=[], metavar="key=value",
@@ -381,8 +462,11 @@ def main(argv: list[str] | None = None) -> int:
             print(table)
             print(f"median run (by M+ at the far distance): {args.collect[median]}")
             return 0
-        summary = run_demo(args.out, args.data, quick=args.quick, seed=args.seed, stage_overrides=args.train,
-                           eval_overrides=args.eval)
+        if args.make_backbone:
+            make_backbone(args.backbone, Path(args.out) / "backbone", quick=args.quick)
+            return 0
+        summary = run_demo(args.out, args.data, quick=args.quick, seed=args.seed, backbone=args.backbone,
+                           stage_overrides=args.train, eval_overrides=args.eval)
     except (config_lib.ConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -244,7 +244,7 @@ def test_namesake_samples_hold_people_who_share_a_name(corpus_dir):
 def test_quick_demo_runs_the_whole_pipeline(tmp_path, capsys):
     from mplus_lightning import demo
 
-    summary = demo.run_demo(tmp_path / "out", tmp_path / "data", quick=True)
+    summary = demo.run_demo(tmp_path / "out", tmp_path / "data", quick=True, seed=2)
     out = capsys.readouterr().out
     ret = tmp_path / "out" / "retention"
     results = json.loads((ret / "results.json").read_text())
@@ -252,7 +252,8 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path, capsys):
     assert results["distances"] == [0, 12, 48]
     assert (ret / "retention.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert any((ret / "tensorboard").iterdir())
-    for stage in ("pretrain", "stage1", "stage2", "ltm"):
+    assert not (tmp_path / "out" / "runs" / "pretrain").exists()    # stage 1 starts from the committed backbone
+    for stage in ("stage1", "stage2", "ltm"):
         assert (tmp_path / "out" / "runs" / stage / "export" / "config.json").is_file()
         assert any((tmp_path / "out" / "runs" / stage / "tensorboard").iterdir())
     assert (tmp_path / "data" / "retention" / "val_data.json").is_file()
@@ -260,9 +261,16 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path, capsys):
     assert [r["distance"] for r in saved["rows"]] == [0, 12, 48]
     assert saved["rows"][1]["stm_share"] == pytest.approx((5 / 6) ** 2)  # N=36 rows, K=6: 2 facts in 12 tokens
     assert set(saved["targets"]) == {"total_minutes", "distance0", "far"}
-    assert set(summary["timings_s"]) == {"data", "pretrain", "stage1", "stage2", "ltm", "eval"}
-    for needle in ("distance (tokens)", "MemoryLLM mode", "target:", "retention.png", "[ltm] step", "[pretrain] step"):
+    assert set(summary["timings_s"]) == {"data", "stage1", "stage2", "ltm", "eval"}
+    for needle in ("distance (tokens)", "MemoryLLM mode", "target:", "retention.png", "[stage1] step", "[ltm] step"):
         assert needle in out, needle
+    # the seed draws the corpus and the memory stages' seed; the tokenizer is the backbone's
+    assert saved["seed"] == 2 and saved["backbone"]["sha256"] == demo.check_backbone(demo.BACKBONE)
+    assert (tmp_path / "data" / "tokenizer" / "tokenizer.json").read_bytes() == \
+        (demo.BACKBONE / "tokenizer.json").read_bytes()
+    assert F.load_corpus(tmp_path / "data").heldout == F.generate_corpus(2).heldout
+    stage1 = OmegaConf.load(tmp_path / "out" / "runs" / "stage1" / "config.yaml")
+    assert stage1.trainer.seed == demo.STAGE_SEED + 2
     # called in this process, the demo cannot pin torch's kernels: it says whether the environment was pinned
     pinned = demo.environment_is_pinned()
     assert ("pinned for a reproducible table" in out) == pinned
@@ -332,3 +340,52 @@ def test_recall_documents_are_six_token_sentences_about_earlier_facts(corpus_dir
             else:
                 assert kind == "Recall" and told[(first, last)] == value   # about a fact told earlier, its value
         assert len(told) < len(sentences)
+
+
+@pytest.mark.slow
+def test_the_backbone_is_regenerated_by_the_pretrain_stage_and_the_demo_starts_from_it(tmp_path, capsys):
+    from safetensors.torch import load_file
+
+    from mplus_lightning import demo
+
+    backbone = tmp_path / "backbone"
+    made = demo.make_backbone(backbone, tmp_path / "work", quick=True)
+    assert made["previous_sha256"] is None and not made["identical"]
+    assert sorted(p.name for p in backbone.iterdir()) == sorted(demo.BACKBONE_FILES)
+    assert made["sha256"] == demo.check_backbone(backbone)
+    # the committed backbone is such a pretrain export: the same tensors, shapes and config
+    ours, committed = load_file(backbone / "model.safetensors"), load_file(demo.BACKBONE / "model.safetensors")
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in committed.items()}
+    assert json.loads((backbone / "config.json").read_text()) == json.loads((demo.BACKBONE / "config.json").read_text())
+    # regenerated again (the same quick pretrain), it is byte-identical and says so
+    again = demo.make_backbone(backbone, tmp_path / "work", quick=True)
+    assert again["identical"] and again["sha256"] == made["sha256"]
+    assert "byte-identical to the one it replaced" in capsys.readouterr().out
+    # the demo starts from the backbone it is given
+    summary = demo.run_demo(tmp_path / "out", tmp_path / "data", quick=True, backbone=backbone)
+    assert summary["backbone"] == {"path": str(backbone), "sha256": made["sha256"]}
+    stage1 = OmegaConf.load(tmp_path / "out" / "runs" / "stage1" / "config.yaml")
+    assert stage1.init_from == str(backbone)
+
+
+def test_a_missing_backbone_is_one_line_naming_the_file_and_the_fix(tmp_path, capsys):
+    from mplus_lightning import demo
+
+    (tmp_path / "bb").mkdir()
+    (tmp_path / "bb" / "config.json").write_text("{}")
+    assert demo.main(["--quick", "--out", str(tmp_path / "o"), "--data", str(tmp_path / "d"),
+                      "--backbone", str(tmp_path / "bb")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model.safetensors" in err and "make demo-backbone" in err
+    assert not (tmp_path / "o").exists()     # nothing was trained or written
+
+
+def test_a_tokenizer_that_splits_a_fact_is_refused_before_training(tmp_path):
+    from mplus_lightning import demo
+    from mplus_lightning.data.tokenizer import train_tiny_tokenizer
+
+    # too few merges for every name to be one token: a fact would no longer be one memory block
+    train_tiny_tokenizer(F.tokenizer_texts(F.generate_corpus(0)), 300, tmp_path / "small")
+    with pytest.raises(ValueError, match=r"not 6: regenerate the backbone with `make demo-backbone`"):
+        demo.prepare_data(tmp_path / "data", 1, tokenizer=tmp_path / "small")
+    demo.prepare_data(tmp_path / "data", 1, tokenizer=demo.BACKBONE)     # the committed one writes every fact whole
