@@ -1,6 +1,9 @@
 """The embedded default (`make demo`): a tiny M+ trained on CPU to store facts in memory and read them back.
 
     python -m mplus_lightning.demo [--quick] [--out checkpoints/demo] [--data data/generated/demo] [--seed 0]
+                                   [--backbone data/demo_backbone]
+    python -m mplus_lightning.demo --make-backbone      (make demo-backbone: regenerate data/demo_backbone)
+    python -m mplus_lightning.demo --collect OUT [OUT ...]   (median and range over finished runs, e.g. seeds)
 
 1. Writes a deterministic synthetic corpus of facts about people (birth city, birth year, employer) and question /
    answer pairs to `data/generated/demo/` (mplus_lightning/data/facts.py), with the backbone's tokenizer.
@@ -71,9 +74,9 @@ STAGE_SEED = 42
 """The memory stages' `trainer.seed` for `--seed 0` (their configs' default); seed S trains with STAGE_SEED + S."""
 EVAL_CONFIG = "demo_eval.yaml"
 TOKENIZER_VOCAB = 1024
+"""Asked of the BPE trainer; the facts support fewer merges (about 830 tokens), all words become single tokens."""
 FACT_TOKENS = 6
 """Tokens of every fact ("Fact: Tina Horvat Madrid."): one memory block of K = 6 rows (demo_stage1.yaml)."""
-"""Asked of the BPE trainer; the facts support fewer merges (about 830 tokens), all words become single tokens."""
 BUDGET_S = 15 * 60
 TARGETS = {"distance0": 0.9, "far_mplus": 0.5, "far_memoryllm": 0.2, "far_share": 0.1}
 
@@ -308,7 +311,7 @@ def make_backbone(out: str | Path = BACKBONE, work: str | Path = "checkpoints/de
         previous = check_backbone(out) if all((out / n).is_file() for n in BACKBONE_FILES) else None
         log(f"== backbone: seed-{BACKBONE_SEED} corpus and tokenizer -> {work / 'data'}")
         prepare_data(work / "data", BACKBONE_SEED)
-        stage, yaml_name = PRETRAIN
+        _, yaml_name = PRETRAIN
         extra = QUICK_STAGE + QUICK_PRETRAIN if quick else []
         cfg = stage_config(yaml_name, work, work / "data", None, extra)
         log(f"== backbone: python -m mplus_lightning.fit --config experiments/{yaml_name}  "
