@@ -1,6 +1,7 @@
 """The inference benchmark runs end to end at the tiny shape and reports sane numbers (no timing thresholds)."""
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -147,6 +148,8 @@ def test_training_benchmark_reports_every_step_kind_and_the_plain_step(tmp_path)
         assert plain["attention_flops"] > 0
         assert kind["attention_flops"] > 0 and math.isfinite(kind["ratio_with_attention_to_plain_llama"])
     assert len(result["load_average_start"]) == 3
+    # the thread settings that move the ratios are recorded (make test runs with OMP_WAIT_POLICY=PASSIVE)
+    assert result["env"].get("OMP_WAIT_POLICY") == os.environ.get("OMP_WAIT_POLICY")
 
 
 def test_training_benchmark_counts_the_attention_a_query_sees():
