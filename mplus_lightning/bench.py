@@ -776,6 +776,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             parser.error("training: CPU float32 only for now (shapes tiny, mid)")
         from .bench_training import run_training
         result = run_training(shape, args.threads, args.repeats)
+        result["env"] = {k: os.environ[k] for k in THREAD_ENV if k in os.environ}   # they move the ratios
     else:
         phases = tuple(x.strip() for x in args.phases.split(",") if x.strip())
         result = run_profile(shape, device, dtype, args.threads, phases, args.calls, args.top)

@@ -7,14 +7,14 @@ transformers LlamaForCausalLM training step of the same shape (all weights train
 as the kind's step) is timed in alternation with it, so that the machine's load hits both alike (`plain_llama` of the
 kind). Figures are achieved FLOP/s and their ratio to the plain step's (`ratio_to_plain_llama`); the target is >= 0.8.
 Timings are medians of the repeats; the JSON records the load average before and after and the thread settings of
-the environment (`env`). Those move the ratios: an M+ step runs several times more (and smaller) ops than the plain
-step, so it pays more for each wake-up of a sleeping thread. Measured at mid shape, 2 threads, two rounds each on an
-otherwise idle 2-core machine, ratio with attention (full / revisit / multi / one-chunk / single): with
-OMP_WAIT_POLICY=PASSIVE 0.84-0.90 / 0.79-0.87 / 0.59 / 0.66-0.73 / 0.53-0.54; with the default (spinning) policy
-0.85-0.87 / 0.78-0.81 / 0.60-0.70 / 0.66-0.69 / 0.56-0.62; with one thread 0.81-0.86 / 0.76-0.79 / 0.73-0.80 /
-0.73-0.77 / 0.73-0.77. Medians of the four runs at each thread count: the plain 512-token step took 0.51 s on one
-thread and 0.38 s on two, the single-chunk M+ step 0.45 s and 0.47 s: its many small ops gain nothing from a second
-thread.
+the environment (`env`, added by `bench.main`). Those move the ratios: an M+ step runs several times more (and
+smaller) ops than the plain step, so it pays more for each wake-up of a sleeping thread. Measured at mid shape, 2
+threads, two rounds each on an otherwise idle 2-core machine, ratio with attention (full / revisit / multi /
+one-chunk / single): with OMP_WAIT_POLICY=PASSIVE 0.84-0.90 / 0.79-0.87 / 0.59 / 0.66-0.73 / 0.53-0.54; with the
+default (spinning) policy 0.85-0.87 / 0.78-0.81 / 0.60-0.70 / 0.66-0.69 / 0.56-0.62; with one thread 0.81-0.86 /
+0.76-0.79 / 0.73-0.80 / 0.73-0.77 / 0.73-0.77. Medians of the four runs at each thread count: the plain 512-token
+step took 0.51 s on one thread and 0.38 s on two, the single-chunk M+ step 0.45 s and 0.47 s: its many small ops
+gain nothing from a second thread.
 
 torch's counter has no formula for the CPU attention kernels, so `flops` holds the matmuls only (on CPU: projections,
 MLP, LoRA, lm_head, retrieval scores), and an M+ step's attention over thousands of memory keys is time without FLOPs.
@@ -34,7 +34,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaForCausalLM
 
-from .bench import THREAD_ENV
 from .config import ModelConfig, RunConfig
 from .data.sample import Sample
 from .stages import LtmModule
@@ -199,5 +198,4 @@ def run_training(shape, threads: int = 2, repeats: int = 3) -> dict[str, Any]:
         "target": "each kind's flops_per_s >= 0.8 x its plain_llama.flops_per_s",
         "torch": torch.__version__,
         "load_average_start": load_start, "load_average_end": _load_average(), "cpu_count": os.cpu_count(),
-        "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
     }

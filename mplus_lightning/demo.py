@@ -44,6 +44,7 @@ How the recipe (corpus shape, pretrain stage, learning rates, step counts) was f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -304,10 +305,7 @@ def make_backbone(out: str | Path = BACKBONE, work: str | Path = "checkpoints/de
     (experiments/demo_pretrain.yaml) in `work`, pinned like the demo; its export's files are copied to `out`.
     Returns {"sha256", "previous_sha256", "identical"} (identical: the weights equal what `out` held before)."""
     out, work = Path(out), Path(work)
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)   # PINNED_THREADS
-    try:
-        _quiet()
+    with _one_quiet_thread():
         previous = check_backbone(out) if all((out / n).is_file() for n in BACKBONE_FILES) else None
         log(f"== backbone: seed-{BACKBONE_SEED} corpus and tokenizer -> {work / 'data'}")
         prepare_data(work / "data", BACKBONE_SEED)
@@ -322,8 +320,6 @@ def make_backbone(out: str | Path = BACKBONE, work: str | Path = "checkpoints/de
         for name in BACKBONE_FILES:
             shutil.copyfile(export / name, out / name)
         digest = check_backbone(out)
-    finally:
-        torch.set_num_threads(threads_before)
     same = previous == digest
     log(f"  backbone written to {out} in {_fmt_s(time.perf_counter() - t)}: model.safetensors sha256 {digest[:16]}... "
         + ("(byte-identical to the one it replaced)" if same else
@@ -337,22 +333,30 @@ def run_demo(out: str | Path = "checkpoints/demo", data: str | Path = "data/gene
              eval_overrides: list[str] | None = None) -> dict[str, Any]:
     """The whole demo; returns the summary (also written to <out>/demo_summary.json). Called in a process that was
     not started in the pinned environment (`PINNED_ENV`), it runs on one thread but with the kernels torch chose."""
-    threads_before = torch.get_num_threads()
-    levels_before = {name: logging.getLogger(name).level for name in QUIETED_LOGGERS}
-    try:
+    with _one_quiet_thread():
         return _run_demo(Path(out), Path(data), Path(backbone), quick=quick, seed=seed,
                          stage_overrides=stage_overrides, eval_overrides=eval_overrides)
+
+
+@contextlib.contextmanager
+def _one_quiet_thread():
+    """One intra-op thread (`PINNED_THREADS`, also in a process started with more) and the demo's own progress lines
+    only (`_quiet`); both restored afterwards, so that a caller in the same process gets its threads and logs back."""
+    threads_before = torch.get_num_threads()
+    levels_before = {name: logging.getLogger(name).level for name in QUIETED_LOGGERS}
+    torch.set_num_threads(1)
+    _quiet()
+    try:
+        yield
     finally:
         torch.set_num_threads(threads_before)
-        for name, level in levels_before.items():   # a caller in the same process gets its logs back
+        for name, level in levels_before.items():
             logging.getLogger(name).setLevel(level)
 
 
 def _run_demo(out: Path, data_dir: Path, backbone: Path, *, quick: bool, seed: int,
               stage_overrides: list[str] | None, eval_overrides: list[str] | None) -> dict[str, Any]:
     t_start = time.perf_counter()
-    torch.set_num_threads(1)   # PINNED_THREADS, also when called in a process started with more
-    _quiet()
     backbone_sha = check_backbone(backbone)
     timings: dict[str, float] = {}
     environment = {k: os.environ.get(k) for k in PINNED_ENV}
