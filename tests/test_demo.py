@@ -260,7 +260,8 @@ def test_quick_demo_runs_the_whole_pipeline(tmp_path, capsys):
     saved = json.loads((tmp_path / "out" / "demo_summary.json").read_text())
     assert [r["distance"] for r in saved["rows"]] == [0, 12, 48]
     assert saved["rows"][1]["stm_share"] == pytest.approx((5 / 6) ** 2)  # N=36 rows, K=6: 2 facts in 12 tokens
-    assert set(saved["targets"]) == {"total_minutes", "distance0", "far"}
+    assert set(saved["targets"]) == {"total_minutes", "distance0", "far", "farthest"}
+    assert saved["targets"]["farthest"]["distance"] is None       # 48 tokens leave 23% of the rows: not that far
     assert set(summary["timings_s"]) == {"data", "stage1", "stage2", "ltm", "eval"}
     for needle in ("distance (tokens)", "MemoryLLM mode", "target:", "retention.png", "[stage1] step", "[ltm] step"):
         assert needle in out, needle
@@ -389,3 +390,26 @@ def test_a_tokenizer_that_splits_a_fact_is_refused_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"not 6: regenerate the backbone with `make demo-backbone`"):
         demo.prepare_data(tmp_path / "data", 1, tokenizer=tmp_path / "small")
     demo.prepare_data(tmp_path / "data", 1, tokenizer=demo.BACKBONE)     # the committed one writes every fact whole
+
+
+def test_the_demo_judges_the_issue_targets_at_78_tokens_and_at_the_farthest_distance():
+    from types import SimpleNamespace
+
+    from mplus_lightning import demo
+
+    distances = [0, 6, 78, 240]
+    injections = [d // 6 for d in distances]
+
+    def results(mplus, memoryllm):
+        mode = lambda hits: {"distances": distances, "tokens": distances, "injections": injections,  # noqa: E731
+                             "exact_hit": hits}
+        return {"modes": {"mplus": mode(mplus), "memoryllm": mode(memoryllm)}, "num_items": 10}
+
+    config = SimpleNamespace(stm_rows=36, num_tokens=6, ltm_read_rows=12)
+    good = demo.summarize(results([1.0, 0.9, 0.6, 0.5], [1.0, 0.8, 0.2, 0.1]), config, {}, 600.0)["targets"]
+    assert good["far"]["distance"] == 78 and good["farthest"]["distance"] == 240
+    assert all(t["met"] for t in good.values())
+    # each bound is checked: M+ below 0.60 at 78 tokens, MemoryLLM mode above 0.10 at 240, too slow
+    low = demo.summarize(results([1.0, 0.9, 0.59, 0.5], [1.0, 0.8, 0.2, 0.11]), config, {}, 901.0)["targets"]
+    assert not low["far"]["met"] and not low["farthest"]["met"] and not low["total_minutes"]["met"]
+    assert low["distance0"]["met"]
