@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 .PHONY: help setup test demo demo-backbone bench gpu-check tiny stage1 stage2 stage3 clean
 
 help:  ## show this help
-	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-zA-Z0-9_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-14s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
@@ -26,7 +26,7 @@ test: setup  ## lint (ruff) and run the whole test suite (what CI runs)
 demo: setup  ## the embedded default: tiny M+ on CPU — inject facts, read them back, print a table
 	$(PY) -m mplus_lightning.demo
 
-demo-backbone: setup  ## regenerate data/demo_backbone (the demo's pretrained tiny Llama, seed 0; ~8 min on one core)
+demo-backbone: setup  ## regenerate data/demo_backbone (the demo's pretrained tiny Llama, seed 0; ~5 min on one core)
 	$(PY) -m mplus_lightning.demo --make-backbone
 
 # OpenMP threads spin-wait by default: on a shared machine one descheduled thread stalls the others (~10x).

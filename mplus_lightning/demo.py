@@ -304,7 +304,7 @@ def check_backbone(backbone: Path) -> str:
     missing = [name for name in BACKBONE_FILES if not (backbone / name).is_file()]
     if missing:
         raise FileNotFoundError(f"demo backbone {backbone} lacks {', '.join(missing)}: `make demo-backbone` "
-                                "regenerates it (about 8 minutes), or pass --backbone DIR")
+                                "regenerates it (about 5 minutes), or pass --backbone DIR")
     return hashlib.sha256((backbone / "model.safetensors").read_bytes()).hexdigest()
 
 
