@@ -12,9 +12,9 @@ smaller) ops than the plain step, so it pays more for each wake-up of a sleeping
 threads, two rounds each on an otherwise idle 2-core machine, ratio with attention (full / revisit / multi /
 one-chunk / single): with OMP_WAIT_POLICY=PASSIVE 0.84-0.90 / 0.79-0.87 / 0.59 / 0.66-0.73 / 0.53-0.54; with the
 default (spinning) policy 0.85-0.87 / 0.78-0.81 / 0.60-0.70 / 0.66-0.69 / 0.56-0.62; with one thread 0.81-0.86 /
-0.76-0.79 / 0.73-0.80 / 0.73-0.77 / 0.73-0.77. Medians of the four runs at each thread count: the plain 512-token
-step took 0.51 s on one thread and 0.38 s on two, the single-chunk M+ step 0.45 s and 0.47 s: its many small ops
-gain nothing from a second thread.
+0.76-0.79 / 0.73-0.80 / 0.73-0.77 / 0.73-0.77. The single-chunk M+ step took 0.44-0.52 s on one thread and 0.49-0.51
+s on two with PASSIVE (its many small ops pay a wake-up each), 0.31-0.45 s on two with the spinning policy; the
+plain 512-token step 0.48-0.56 s and 0.28-0.40 s.
 
 torch's counter has no formula for the CPU attention kernels, so `flops` holds the matmuls only (on CPU: projections,
 MLP, LoRA, lm_head, retrieval scores), and an M+ step's attention over thousands of memory keys is time without FLOPs.
