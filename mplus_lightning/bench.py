@@ -254,6 +254,11 @@ def _load_average() -> list[float] | None:
 THREAD_ENV = ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MKL_NUM_THREADS", "KMP_BLOCKTIME")
 
 
+def thread_env() -> dict[str, str]:
+    """The settings of `THREAD_ENV` the environment sets: they move CPU timings (module docstring)."""
+    return {k: os.environ[k] for k in THREAD_ENV if k in os.environ}
+
+
 def environment(device: torch.device, threads: int) -> dict[str, Any]:
     import peft
     import transformers
@@ -261,7 +266,7 @@ def environment(device: torch.device, threads: int) -> dict[str, Any]:
            "python": platform.python_version(), "platform": platform.platform(), "cpu": _cpu_name(),
            "cpu_count": os.cpu_count(), "threads": torch.get_num_threads(), "threads_requested": threads,
            "interop_threads": torch.get_num_interop_threads(),
-           "env": {k: os.environ[k] for k in THREAD_ENV if k in os.environ},
+           "env": thread_env(),
            "load_average_start": _load_average()}
     if device.type == "cuda":
         env.update(gpu=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
@@ -775,8 +780,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.device != "cpu" or shape.cuda_only:
             parser.error("training: CPU float32 only for now (shapes tiny, mid)")
         from .bench_training import run_training
+        load_start = _load_average()
         result = run_training(shape, args.threads, args.repeats)
-        result["env"] = {k: os.environ[k] for k in THREAD_ENV if k in os.environ}   # they move the ratios
+        result.update(load_average_start=load_start, load_average_end=_load_average(), env=thread_env())
     else:
         phases = tuple(x.strip() for x in args.phases.split(",") if x.strip())
         result = run_profile(shape, device, dtype, args.threads, phases, args.calls, args.top)

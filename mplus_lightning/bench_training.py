@@ -6,8 +6,8 @@ counts the FLOPs of every forward and backward the step runs (torch.utils.flop_c
 transformers LlamaForCausalLM training step of the same shape (all weights trainable, one sequence of as many tokens
 as the kind's step) is timed in alternation with it, so that the machine's load hits both alike (`plain_llama` of the
 kind). Figures are achieved FLOP/s and their ratio to the plain step's (`ratio_to_plain_llama`); the target is >= 0.8.
-Timings are medians of the repeats; the JSON records the load average before and after and the thread settings of
-the environment (`env`, added by `bench.main`). Those move the ratios: an M+ step runs several times more (and
+Timings are medians of the repeats; the bench command adds the load average before and after and the thread
+settings of the environment (`env`) to the JSON. Those move the ratios: an M+ step runs several times more (and
 smaller) ops than the plain step, so it pays more for each wake-up of a sleeping thread. Measured at mid shape, 2
 threads, two rounds each on an otherwise idle 2-core machine, ratio with attention (full / revisit / multi /
 one-chunk / single): with OMP_WAIT_POLICY=PASSIVE 0.84-0.90 / 0.79-0.87 / 0.59 / 0.66-0.73 / 0.53-0.54; with the
@@ -132,13 +132,6 @@ def _flops(fn) -> tuple[int, int]:
     return int(counter.get_total_flops()) - attention, int(attention)
 
 
-def _load_average() -> list[float] | None:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
 def _rate(tokens: int, flops: int, attention_flops: int, secs: list[float]) -> dict[str, Any]:
     med = statistics.median(secs)
     return {"tokens": tokens, "seconds": med, "seconds_all": secs, "tokens_per_s": tokens / med, "flops": flops,
@@ -147,7 +140,6 @@ def _rate(tokens: int, flops: int, attention_flops: int, secs: list[float]) -> d
 
 
 def run_training(shape, threads: int = 2, repeats: int = 3) -> dict[str, Any]:
-    load_start = _load_average()
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     module = _module(shape)
@@ -197,5 +189,5 @@ def run_training(shape, threads: int = 2, repeats: int = 3) -> dict[str, Any]:
         "kinds": kinds,
         "target": "each kind's flops_per_s >= 0.8 x its plain_llama.flops_per_s",
         "torch": torch.__version__,
-        "load_average_start": load_start, "load_average_end": _load_average(), "cpu_count": os.cpu_count(),
+        "cpu_count": os.cpu_count(),
     }

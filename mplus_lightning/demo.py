@@ -68,11 +68,12 @@ ROOT = Path(__file__).resolve().parents[1]
 STAGES = (("stage1", "demo_stage1.yaml"), ("stage2", "demo_stage2.yaml"), ("ltm", "demo_ltm.yaml"))
 PRETRAIN = ("pretrain", "demo_pretrain.yaml")
 BACKBONE = ROOT / "data" / "demo_backbone"
-BACKBONE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+BACKBONE_FILES = ("config.json", "model.safetensors", *TOKENIZER_FILES)
 BACKBONE_SEED = 0
 """The corpus seed the committed backbone was pretrained on (`make_backbone`)."""
-STAGE_SEED = 42
-"""The memory stages' `trainer.seed` for `--seed 0` (their configs' default); seed S trains with STAGE_SEED + S."""
+STAGE_SEED = config_lib.TrainerConfig.seed
+"""The memory stages' `trainer.seed` for `--seed 0` (the config default, 42); seed S trains with STAGE_SEED + S."""
 EVAL_CONFIG = "demo_eval.yaml"
 TOKENIZER_VOCAB = 1024
 """Asked of the BPE trainer; the facts support fewer merges (about 830 tokens), all words become single tokens."""
@@ -146,7 +147,7 @@ def prepare_data(data_dir: Path, seed: int = 0, tokenizer: Path | None = None) -
         tok = train_tiny_tokenizer(facts_lib.tokenizer_texts(corpus), TOKENIZER_VOCAB, tok_dir)
     else:
         tok_dir.mkdir(parents=True, exist_ok=True)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
+        for name in TOKENIZER_FILES:
             shutil.copyfile(tokenizer / name, tok_dir / name)
         tok = load_tokenizer(tok_dir)
         enc = facts_lib.FactEncoder(tok)
@@ -315,7 +316,10 @@ def make_backbone(out: str | Path = BACKBONE, work: str | Path = "checkpoints/de
     Returns {"sha256", "previous_sha256", "identical"} (identical: the weights equal what `out` held before)."""
     out, work = Path(out), Path(work)
     with _one_quiet_thread():
-        previous = check_backbone(out) if all((out / n).is_file() for n in BACKBONE_FILES) else None
+        try:
+            previous = check_backbone(out)
+        except FileNotFoundError:   # none there yet (or an incomplete one): nothing to compare with
+            previous = None
         log(f"== backbone: seed-{BACKBONE_SEED} corpus and tokenizer -> {work / 'data'}")
         prepare_data(work / "data", BACKBONE_SEED)
         _, yaml_name = PRETRAIN
