@@ -29,10 +29,13 @@ demo: setup  ## the embedded default: tiny M+ on CPU — inject facts, read them
 demo-backbone: setup  ## regenerate data/demo_backbone (the demo's pretrained tiny Llama, seed 0; ~5 min on one core)
 	$(PY) -m mplus_lightning.demo --make-backbone
 
-# OpenMP threads spin-wait by default: on a shared machine one descheduled thread stalls the others (~10x).
+# OpenMP threads spin briefly, then sleep (BENCH_THREAD_ENV): sleeping at once (OMP_WAIT_POLICY=PASSIVE) costs
+# every parallel op a wake-up (~70 us here), which M+'s many small ops pay more than a plain Llama; spinning for long
+# (the default) lets one descheduled thread stall the others on a shared machine.
+BENCH_THREAD_ENV ?= GOMP_SPINCOUNT=10000 KMP_BLOCKTIME=1
 bench: setup  ## inference and training benchmarks at the `mid` shape (prints JSON)
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m mplus_lightning.bench inference --shape mid --out bench_out/inference.json
-	OMP_WAIT_POLICY=PASSIVE $(PY) -m mplus_lightning.bench training --shape mid --out bench_out/training.json
+	$(BENCH_THREAD_ENV) $(PY) -m mplus_lightning.bench inference --shape mid --out bench_out/inference.json
+	$(BENCH_THREAD_ENV) $(PY) -m mplus_lightning.bench training --shape mid --out bench_out/training.json
 
 gpu-check: setup  ## CUDA only: 8B-size latency, MFU and peak memory per memory placement, one JSON line (<= 8 min)
 	@mkdir -p bench_out

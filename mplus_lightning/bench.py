@@ -24,9 +24,12 @@ attention, MLP, lm_head, commit, ...) and prints where the time goes. The labels
 Shapes: `tiny` (seconds, for tests), `mid` (8 layers, d=256, the default: about a minute on 2 idle CPU cores) and `8b`
 (Llama-3.1-8B sizes with random weights; CUDA + bfloat16 only).
 
-Shared machines: torch's OpenMP threads spin-wait at every barrier, so when another process holds a core, a 2-thread
-run can slow down ~10x (measured here: inject 0.08 s -> 1.4 s). Set OMP_WAIT_POLICY=PASSIVE (it must be in the
-environment before torch is imported) or use --threads 1; the JSON records the load average and a warning.
+Threads: after each parallel op torch's OpenMP threads spin for a while before they sleep. By default they spin for
+milliseconds, so when another process holds a core a 2-thread run can slow down ~10x (measured here: inject 0.08 s
+-> 1.4 s); with OMP_WAIT_POLICY=PASSIVE they sleep at once and every parallel op pays a wake-up (~70 us here against
+~5 us for a 256x256 add), which an M+ step, with ~4x the ops of a plain Llama step, pays more. `make bench` sets a
+bounded spin, GOMP_SPINCOUNT=10000 (0.1-0.3 ms here; KMP_BLOCKTIME=1 for Intel's OpenMP); these must be in the
+environment before torch is imported. The JSON records them (`env`), the load average and a warning when busy.
 """
 
 from __future__ import annotations
@@ -557,9 +560,10 @@ def busy_machine_warning(settings: dict[str, Any], threads: int) -> str | None:
     others = max([0.0] + loads[:1] + [x - threads for x in loads[1:]])
     if settings.get("device") == "cpu" and others > 0.5 * cpus:
         msg = f"the machine was busy (load average {loads} on {cpus} CPUs): timings are inflated"
-        if threads > 1 and os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE":
+        spin_bounded = os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" or "GOMP_SPINCOUNT" in os.environ
+        if threads > 1 and not spin_bounded:
             msg += (f"; with {threads} spin-waiting OpenMP threads a descheduled thread can slow every parallel region "
-                    "10x: rerun with OMP_WAIT_POLICY=PASSIVE (or --threads 1)")
+                    "10x: rerun with GOMP_SPINCOUNT=10000 (as make bench) or --threads 1")
         return msg
     return None
 

@@ -6,15 +6,25 @@ counts the FLOPs of every forward and backward the step runs (torch.utils.flop_c
 transformers LlamaForCausalLM training step of the same shape (all weights trainable, one sequence of as many tokens
 as the kind's step) is timed in alternation with it, so that the machine's load hits both alike (`plain_llama` of the
 kind). Figures are achieved FLOP/s and their ratio to the plain step's (`ratio_to_plain_llama`); the target is >= 0.8.
+A third step, `lora_llama`, trains the same Llama as M+ trains its backbone: frozen, with one LoRA adapter of M+'s
+rank and targets (`ratio_to_lora_llama`). It separates what the memory costs from what LoRA-only training costs:
+the plain step's rate includes the weight-gradient matmuls (large and efficient), which a LoRA step does not run.
 Timings are medians of the repeats; the bench command adds the load average before and after and the thread
-settings of the environment (`env`) to the JSON. Those move the ratios: an M+ step runs several times more (and
-smaller) ops than the plain step, so it pays more for each wake-up of a sleeping thread. Measured at mid shape, 2
-threads, two rounds each on an otherwise idle 2-core machine, ratio with attention (full / revisit / multi /
-one-chunk / single): with OMP_WAIT_POLICY=PASSIVE 0.84-0.90 / 0.79-0.87 / 0.59 / 0.66-0.73 / 0.53-0.54; with the
-default (spinning) policy 0.85-0.87 / 0.78-0.81 / 0.60-0.70 / 0.66-0.69 / 0.56-0.62; with one thread 0.81-0.86 /
-0.76-0.79 / 0.73-0.80 / 0.73-0.77 / 0.73-0.77. The single-chunk M+ step took 0.44-0.52 s on one thread and 0.49-0.51
-s on two with PASSIVE (its many small ops pay a wake-up each), 0.31-0.45 s on two with the spinning policy; the
-plain 512-token step 0.48-0.56 s and 0.28-0.40 s.
+settings of the environment (`env`) to the JSON. Those move the ratios: an M+ step runs 4-6x the ops of the plain
+step (torch.profiler events), most of them small, so it pays more for each wake-up of a sleeping OpenMP thread (~70
+us here with OMP_WAIT_POLICY=PASSIVE, against ~5 us for a 256x256 add). Measured at mid shape, 2 threads, three
+rounds of each setting in alternation on an otherwise idle 2-core machine (M+ step unchanged since 189a7bc), ratio with
+attention (full / revisit / multi / one-chunk / single) to the plain step, then to the LoRA step:
+    GOMP_SPINCOUNT=10000 (make bench)  plain 0.84-0.89 / 0.86-0.88 / 0.63-0.66 / 0.68-0.70 / 0.58-0.60
+                                       LoRA  1.04-1.11 / 1.02-1.05 / 0.72-0.76 / 0.83-0.85 / 0.71-0.75
+    OMP_WAIT_POLICY=PASSIVE            plain 0.92-0.96 / 1.00-1.03 / 0.45-0.49 / 0.65-0.66 / 0.45-0.46
+                                       LoRA  1.11-1.21 / 1.30-1.33 / 0.53-0.57 / 0.81-0.86 / 0.58-0.60
+    default (spins for milliseconds)   plain 0.82-0.89 / 0.88-0.89 / 0.66-0.68 / 0.71 / 0.60-0.63 (no LoRA step yet)
+The single-chunk step (512 tokens: a 256-token write, then a 256-token read) took 0.18-0.20 s spinning and 0.36-0.37
+s with PASSIVE; the plain step 0.16-0.18 / 0.24-0.25 s (21.0 GFLOP without attention), the LoRA step 0.15-0.16 /
+0.23-0.24 s (14.7 GFLOP; M+ 14.0). Run with its LoRA-wrapped linears as their base linears (an experiment), the
+single-chunk M+ step took 0.14 s instead of 0.19 and multi 0.42 s instead of 0.47-0.50: the rank-8 matmuls are little
+work in many calls, and M+ makes twice the layer passes of a plain step of as many tokens.
 
 torch's counter has no formula for the CPU attention kernels, so `flops` holds the matmuls only (on CPU: projections,
 MLP, LoRA, lm_head, retrieval scores), and an M+ step's attention over thousands of memory keys is time without FLOPs.
@@ -36,6 +46,7 @@ from transformers import LlamaForCausalLM
 
 from .config import ModelConfig, RunConfig
 from .data.sample import Sample
+from .model.adapters import WRITE, activate, add_lora_adapters, lora_modules
 from .stages import LtmModule
 from .stages.step import RevisitCache
 
@@ -80,6 +91,19 @@ def _configure(module: LtmModule, kind: str, shape, g: torch.Generator) -> Sampl
         module.memory_step.revisit = RevisitCache(ids=target, mask=torch.ones_like(target, dtype=torch.bool), doc=0,
                                                   chunks_since=1)
     return _sample(shape, 1 if kind in ("multi_one_chunk", "single") else CONTEXT_CHUNKS, g)
+
+
+def _lora_llama(module: LtmModule) -> LlamaForCausalLM:
+    """A transformers Llama of the module's shape trained as M+ trains its backbone: frozen, one LoRA adapter of the
+    module's rank, scale and target projections (the same `AddmmLoraLinear` path), only the adapter trainable."""
+    config = module.model.config
+    llama = LlamaForCausalLM(module.model.llama.config)
+    add_lora_adapters(llama.model, r=config.lora_r, alpha=config.lora_alpha, dropout=config.lora_dropout,
+                      targets=config.lora_targets, names=(WRITE,))
+    for name, p in llama.named_parameters():
+        p.requires_grad_("lora_" in name)
+    activate(lora_modules(llama), WRITE)
+    return llama
 
 
 def _time(fn, repeats: int, warmup: int = 1) -> list[float]:
@@ -149,7 +173,10 @@ def run_training(shape, threads: int = 2, repeats: int = 3) -> dict[str, Any]:
     # kind's real tokens (a GEMM's rate grows with its rows: a longer plain step would flatter the plain side).
     hf = LlamaForCausalLM(module.model.llama.config)
     hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-6)
+    lora = _lora_llama(module)
+    lora_opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-6)
     plain_flops: dict[int, tuple[int, int]] = {}
+    lora_flops: dict[int, tuple[int, int]] = {}
     kinds: dict[str, Any] = {}
     for kind in KINDS:
         def step(kind=kind):
@@ -169,20 +196,31 @@ def run_training(shape, threads: int = 2, repeats: int = 3) -> dict[str, Any]:
             hf_opt.step()
             hf_opt.zero_grad(set_to_none=True)
 
+        def lora_step(x=x):
+            lora(input_ids=x, labels=x).loss.backward()
+            lora_opt.step()
+            lora_opt.zero_grad(set_to_none=True)
+
         plain_step()
+        lora_step()
         flops, attention_flops = _flops(step)
         if tokens not in plain_flops:
             plain_flops[tokens] = _flops(plain_step)
-        # side by side: the two steps alternate, so that a change in the machine's load hits both alike
-        secs, plain_secs = [], []
+            lora_flops[tokens] = _flops(lora_step)
+        # side by side: the steps alternate, so that a change in the machine's load hits all alike
+        secs, plain_secs, lora_secs = [], [], []
         for _ in range(repeats):
             secs += _time(step, 1, warmup=0)
             plain_secs += _time(plain_step, 1, warmup=0)
+            lora_secs += _time(lora_step, 1, warmup=0)
         kinds[kind] = {**_rate(tokens, flops, attention_flops, secs),
-                       "plain_llama": _rate(tokens, *plain_flops[tokens], plain_secs)}
-        k, p = kinds[kind], kinds[kind]["plain_llama"]
-        k["ratio_to_plain_llama"] = k["flops_per_s"] / p["flops_per_s"]
-        k["ratio_with_attention_to_plain_llama"] = k["flops_per_s_with_attention"] / p["flops_per_s_with_attention"]
+                       "plain_llama": _rate(tokens, *plain_flops[tokens], plain_secs),
+                       "lora_llama": _rate(tokens, *lora_flops[tokens], lora_secs)}
+        k = kinds[kind]
+        for base in ("plain_llama", "lora_llama"):
+            b = k[base]
+            k[f"ratio_to_{base}"] = k["flops_per_s"] / b["flops_per_s"]
+            k[f"ratio_with_attention_to_{base}"] = k["flops_per_s_with_attention"] / b["flops_per_s_with_attention"]
     return {
         "shape": shape.name, "threads": threads, "repeats": repeats, "context_chunks": CONTEXT_CHUNKS,
         "chunk_tokens": shape.chunk_tokens, "target_tokens": shape.prompt_tokens, "ltm_rows": shape.ltm_rows,

@@ -147,6 +147,12 @@ def test_training_benchmark_reports_every_step_kind_and_the_plain_step(tmp_path)
         # the CPU attention kernels, which torch's counter leaves out, are counted beside it
         assert plain["attention_flops"] > 0
         assert kind["attention_flops"] > 0 and math.isfinite(kind["ratio_with_attention_to_plain_llama"])
+        # and a Llama trained as M+ trains its backbone (frozen, LoRA): the same attention, fewer matmul FLOPs
+        lora = kind["lora_llama"]
+        assert lora["tokens"] == kind["tokens"] and lora["attention_flops"] == plain["attention_flops"]
+        assert 0 < lora["flops"] < plain["flops"] and len(lora["seconds_all"]) == 1
+        assert kind["ratio_with_attention_to_lora_llama"] == pytest.approx(
+            kind["flops_per_s_with_attention"] / lora["flops_per_s_with_attention"])
     assert len(result["load_average_start"]) == 3
     # the thread settings that move the ratios are recorded (make test runs with OMP_WAIT_POLICY=PASSIVE)
     assert result["env"].get("OMP_WAIT_POLICY") == os.environ.get("OMP_WAIT_POLICY")
@@ -169,3 +175,36 @@ def test_training_benchmark_counts_the_attention_a_query_sees():
     mask = torch.zeros(n, prefix + n).masked_fill_(j > i + prefix, torch.finfo(torch.float32).min)
     kk = k.repeat_interleave(2, dim=1)
     assert _flops(lambda: F.scaled_dot_product_attention(q, kk, kk, attn_mask=mask).sum().backward()) == (0, expected)
+
+
+@pytest.mark.parametrize("env, hint", [({}, True), ({"GOMP_SPINCOUNT": "10000"}, False),
+                                       ({"OMP_WAIT_POLICY": "PASSIVE"}, False)])
+def test_busy_machine_warning_names_the_bounded_spin_when_threads_spin_unbounded(monkeypatch, env, hint):
+    for key in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    busy = {"device": "cpu", "cpu_count": 2, "load_average_start": [1.5, 1.0, 1.0], "load_average_end": [3.0, 2, 1]}
+    msg = bench.busy_machine_warning(busy, threads=2)
+    assert msg is not None and "busy" in msg and "1.5" in msg
+    assert ("GOMP_SPINCOUNT=10000" in msg) is hint
+    assert "GOMP_SPINCOUNT" not in (bench.busy_machine_warning(busy, threads=1) or "")
+    # our own threads raise the end figure: an idle machine is not reported busy
+    idle = {**busy, "load_average_start": [0.2, 0.1, 0.1], "load_average_end": [2.1, 1, 1]}
+    assert bench.busy_machine_warning(idle, threads=2) is None
+
+
+def test_the_lora_llama_baseline_trains_what_m_plus_trains_of_its_backbone():
+    from mplus_lightning.bench_training import _lora_llama, _module
+
+    module = _module(bench.SHAPES["tiny"])
+    llama = _lora_llama(module)
+    config = module.model.config
+    trainable = {n: p for n, p in llama.named_parameters() if p.requires_grad}
+    # one adapter (A and B) on each target projection of each layer, nothing else
+    assert len(trainable) == 2 * len(config.lora_targets) * config.num_layers
+    assert all("lora_" in n and ".write." in n for n in trainable)
+    assert {p.shape[0] for n, p in trainable.items() if "lora_A" in n} == {config.lora_r}
+    q = llama.model.layers[0].self_attn.q_proj
+    assert type(q).__name__ == "AddmmLoraLinear" and q.active_adapters == ["write"]
+    assert q.scaling["write"] == module.model.layers[0].self_attn.q_proj.scaling["write"]
