@@ -783,10 +783,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     elif args.command == "training":
         if args.device != "cpu" or shape.cuda_only:
             parser.error("training: CPU float32 only for now (shapes tiny, mid)")
-        from .bench_training import run_training
+        from .bench_training import run_training, summary
         load_start = _load_average()
         result = run_training(shape, args.threads, args.repeats)
         result.update(load_average_start=load_start, load_average_end=_load_average(), env=thread_env())
+        print(summary(result), file=sys.stderr)
     else:
         phases = tuple(x.strip() for x in args.phases.split(",") if x.strip())
         result = run_profile(shape, device, dtype, args.threads, phases, args.calls, args.top)

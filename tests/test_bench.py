@@ -127,12 +127,22 @@ def test_region_times_keep_the_cpu_range_of_a_region():
     assert regions == {"attention": {"ms_per_call": 2.5, "calls": 2, "thread_cpu_ms_per_call": 1.5, "inside": None}}
 
 
-def test_training_benchmark_reports_every_step_kind_and_the_plain_step(tmp_path):
+def test_training_benchmark_reports_every_step_kind_and_the_plain_step(tmp_path, capsys):
     from mplus_lightning.bench import main
 
     out = tmp_path / "training.json"
     result = main(["training", "--shape", "tiny", "--threads", "1", "--repeats", "1", "--out", str(out)])
     assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    # stdout is the JSON; stderr a line per kind with its verdict on the target
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == json.loads(json.dumps(result))
+    assert "target (>= 0.8 vs plain)" in captured.err
+    verdicts = {line.split()[0]: line.rsplit("  ", 1)[1] for line in captured.err.splitlines()
+                if line.split() and line.split()[0] in result["kinds"]}
+    assert set(verdicts) == set(result["kinds"])
+    for name, kind in result["kinds"].items():
+        met = kind["ratio_with_attention_to_plain_llama"] >= 0.8
+        assert verdicts[name] == ("met" if met else "NOT met"), (name, kind["ratio_with_attention_to_plain_llama"])
     assert set(result["kinds"]) == {"full", "revisit", "multi", "multi_one_chunk", "single"}
     for kind in result["kinds"].values():
         assert kind["flops"] > 0 and kind["seconds"] > 0 and math.isfinite(kind["ratio_to_plain_llama"])
