@@ -3,7 +3,7 @@
     python -m mplus_lightning.bench inference [--shape mid|tiny|8b] [--device cpu|cuda] [--dtype float32|bfloat16]
                                               [--threads 2] [--repeats R] [--out FILE.json]
     python -m mplus_lightning.bench training  [--shape mid] [--threads 2] [--repeats 3]    (see bench_training.py)
-    python -m mplus_lightning.bench profile   [--shape mid] [--phases inject,prefill,generate] [--top 15]
+    python -m mplus_lightning.bench profile   [--shape mid] [--phases inject,prefill,generate,train_single] [--top 15]
 
 `inference` prints one JSON object (and writes it with --out):
   * model      seconds for one inject of a chunk, one read prefill (last logit only, and all logits), one generate
@@ -17,9 +17,10 @@
                rows: no [n, M] score matrix is materialised);
   * memory     peak RSS (CPU) or torch.cuda.max_memory_allocated per operation (CUDA; the 8b shape prints the paper's
                21.2 GB beside it).
-`profile` runs torch.profiler over inject / prefill / generate with labelled regions (memory-prefix K/V, retrieval,
-attention, MLP, lm_head, commit, ...) and prints where the time goes. The labels are in the model code
-(`mplus_lightning.model.profiling.region`); attention and MLP, transformers' modules, get them from forward hooks.
+`profile` runs torch.profiler over inject / prefill / generate (or a training step: `--phases train_single`, ...) with
+labelled regions (memory-prefix K/V, retrieval, attention, MLP, lm_head, commit, ...) and prints where the time goes.
+The labels are in the model code (`mplus_lightning.model.profiling.region`); attention and MLP, transformers'
+modules, get them from forward hooks.
 
 Shapes: `tiny` (seconds, for tests), `mid` (8 layers, d=256, the default: about a minute on 2 idle CPU cores) and `8b`
 (Llama-3.1-8B sizes with random weights; CUDA + bfloat16 only).
@@ -675,6 +676,12 @@ def region_times(events, calls: int, thread_cpu_ms: dict[str, float]) -> dict[st
     return regions
 
 
+INFERENCE_PHASES = ("inject", "prefill", "prefill_full_logits", "generate")
+TRAINING_PHASES = {f"train_{kind}": kind for kind in ("full", "revisit", "multi", "multi_one_chunk", "single")}
+"""`profile --phases train_single,...`: one optimizer step of that step kind of the training benchmark (CPU, fp32).
+The backward's ops run outside the labelled regions (which label forwards): see its top ops."""
+
+
 def run_profile(shape: Shape, device: torch.device, dtype: torch.dtype, threads: int, phases: tuple[str, ...],
                 calls: int = 3, top: int = 15) -> dict[str, Any]:
     """torch.profiler over each phase; regions (inclusive) and the top ops by self time, per call."""
@@ -682,18 +689,28 @@ def run_profile(shape: Shape, device: torch.device, dtype: torch.dtype, threads:
 
     check_shape_device(shape, device, dtype)
     torch.set_num_threads(threads)
-    capacity = ltm_capacity_for(shape, 4 * calls, 2)
-    model = build_model(shape, device, dtype, capacity)
-    ids_gen = torch.Generator().manual_seed(0)
-    memory = prepared_memory(model, shape, device, ids_gen)
-    prompt = random_ids(shape, shape.prompt_tokens, ids_gen, device)
     clock = Clock(device)
-    fns = {
-        "inject": lambda: model.inject(memory, random_ids(shape, shape.chunk_tokens, ids_gen, device)),
-        "prefill": lambda: model.read(memory, prompt, logits_to_keep=1),
-        "prefill_full_logits": lambda: model.read(memory, prompt),
-        "generate": lambda: model.generate(memory, prompt, shape.new_tokens, eos_token_id=None),
-    }
+    fns, models = {}, {}
+    if set(phases) & set(INFERENCE_PHASES):
+        capacity = ltm_capacity_for(shape, 4 * calls, 2)
+        model = build_model(shape, device, dtype, capacity)
+        ids_gen = torch.Generator().manual_seed(0)
+        memory = prepared_memory(model, shape, device, ids_gen)
+        prompt = random_ids(shape, shape.prompt_tokens, ids_gen, device)
+        fns = {
+            "inject": lambda: model.inject(memory, random_ids(shape, shape.chunk_tokens, ids_gen, device)),
+            "prefill": lambda: model.read(memory, prompt, logits_to_keep=1),
+            "prefill_full_logits": lambda: model.read(memory, prompt),
+            "generate": lambda: model.generate(memory, prompt, shape.new_tokens, eos_token_id=None),
+        }
+        models = dict.fromkeys(fns, model)
+    if set(phases) & set(TRAINING_PHASES):   # one optimizer step of a step kind, as `bench training` times it
+        from .bench_training import training_setup, training_step
+        module, opt = training_setup(shape)
+        step_gen = torch.Generator().manual_seed(1)
+        for phase, kind in TRAINING_PHASES.items():
+            fns[phase] = lambda kind=kind: training_step(module, opt, kind, shape, step_gen)
+            models[phase] = module.model
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     out: dict[str, Any] = {"benchmark": "profile", "shape": shape.describe(),
                            "settings": {"device": str(device), "dtype": str(dtype).replace("torch.", ""),
@@ -704,7 +721,7 @@ def run_profile(shape: Shape, device: torch.device, dtype: torch.dtype, threads:
         clock.time(fn)
         plain = [clock.time(fn)[0] for _ in range(calls)]
         cpu_ms: dict[str, float] = {}
-        with labelled_regions(model, cpu_ms), profile(activities=activities) as prof:
+        with labelled_regions(models[phase], cpu_ms), profile(activities=activities) as prof:
             start, cpu_start = time.perf_counter(), time.thread_time()
             for _ in range(calls):
                 fn()
@@ -764,7 +781,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p_train.add_argument("--repeats", type=int, default=3, help="timed steps per kind (default 3)")
     p_prof = sub.add_parser("profile", parents=[common], help="torch.profiler breakdown of inject/prefill/generate")
     p_prof.add_argument("--phases", default="inject,prefill,generate",
-                        help="comma-separated: inject, prefill, prefill_full_logits, generate")
+                        help="comma-separated: inject, prefill, prefill_full_logits, generate, and the training "
+                             "step kinds train_full, train_revisit, train_multi, train_multi_one_chunk, "
+                             "train_single (CPU float32)")
     p_prof.add_argument("--calls", type=int, default=3)
     p_prof.add_argument("--top", type=int, default=15)
     args = parser.parse_args(argv)
@@ -790,6 +809,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(summary(result), file=sys.stderr)
     else:
         phases = tuple(x.strip() for x in args.phases.split(",") if x.strip())
+        unknown = [p for p in phases if p not in INFERENCE_PHASES and p not in TRAINING_PHASES]
+        if unknown:
+            parser.error(f"--phases: unknown {unknown}; choose from {[*INFERENCE_PHASES, *TRAINING_PHASES]}")
+        if set(phases) & set(TRAINING_PHASES) and (args.device != "cpu" or dtype != torch.float32):
+            parser.error("--phases train_*: the training step runs on CPU in float32 only for now")
         result = run_profile(shape, device, dtype, args.threads, phases, args.calls, args.top)
     emit(result, args.out, indent=2)
     return result

@@ -108,6 +108,23 @@ def _lora_llama(module: LtmModule) -> LlamaForCausalLM:
     return llama
 
 
+def training_setup(shape, seed: int = 0) -> tuple[LtmModule, torch.optim.Optimizer]:
+    """The stage-3 module of the benchmark (memory filled, long-term rows added) and an AdamW over what it trains."""
+    module = _module(shape, seed)
+    return module, torch.optim.AdamW([p for p in module.model.parameters() if p.requires_grad], lr=1e-6)
+
+
+def training_step(module: LtmModule, opt: torch.optim.Optimizer, kind: str, shape, g: torch.Generator) -> int:
+    """One optimizer step of `kind` (forward, backward, AdamW) on a fresh random sample; returns its real tokens."""
+    sample = _configure(module, kind, shape, g)
+    result = module.memory_step.step(sample)
+    assert result.kind == kind.split("_")[0], (kind, result.kind)
+    result.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return result.tokens
+
+
 def _time(fn, repeats: int, warmup: int = 1) -> list[float]:
     for _ in range(warmup):
         fn()
@@ -168,8 +185,7 @@ def _rate(tokens: int, flops: int, attention_flops: int, secs: list[float]) -> d
 def run_training(shape, threads: int = 2, repeats: int = 3) -> dict[str, Any]:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    module = _module(shape)
-    opt = torch.optim.AdamW([p for p in module.model.parameters() if p.requires_grad], lr=1e-6)
+    module, opt = training_setup(shape)
     g = torch.Generator().manual_seed(1)
     # The plain step: a transformers Llama of the same shape, all weights trainable, one sequence as long as the
     # kind's real tokens (a GEMM's rate grows with its rows: a longer plain step would flatter the plain side).
@@ -182,13 +198,7 @@ def run_training(shape, threads: int = 2, repeats: int = 3) -> dict[str, Any]:
     kinds: dict[str, Any] = {}
     for kind in KINDS:
         def step(kind=kind):
-            sample = _configure(module, kind, shape, g)
-            result = module.memory_step.step(sample)
-            assert result.kind == kind.split("_")[0], (kind, result.kind)
-            result.loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return result.tokens
+            return training_step(module, opt, kind, shape, g)
 
         tokens = step()                       # warm-up; also gives the real tokens of this kind
         x = torch.randint(3, shape.vocab, (1, tokens), generator=g)

@@ -218,3 +218,17 @@ def test_the_lora_llama_baseline_trains_what_m_plus_trains_of_its_backbone():
     q = llama.model.layers[0].self_attn.q_proj
     assert type(q).__name__ == "AddmmLoraLinear" and q.active_adapters == ["write"]
     assert q.scaling["write"] == module.model.layers[0].self_attn.q_proj.scaling["write"]
+
+
+def test_profile_of_a_training_step_kind(keep_threads, capsys):
+    tiny = bench.SHAPES["tiny"]
+    prof = bench.run_profile(tiny, torch.device("cpu"), torch.float32, threads=1, phases=("train_single",),
+                             calls=1, top=5)
+    phase = prof["phases"]["train_single"]
+    # a single-chunk step: a write pass, then a read of [bos ; the new block] with the same layers
+    assert phase["regions"]["memory_kv"]["calls"] == 2 * tiny.layers
+    assert phase["regions"]["attention"]["calls"] == 2 * tiny.layers
+    assert phase["top_ops_by_self_time"] and phase["wall_ms_unprofiled_median"] > 0
+    with pytest.raises(SystemExit):
+        bench.main(["profile", "--shape", "tiny", "--phases", "train_singel"])
+    assert "--phases: unknown ['train_singel']" in capsys.readouterr().err
