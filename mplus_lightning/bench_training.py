@@ -252,5 +252,9 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(f"{name:16s} {k['seconds']:7.3f} {k['plain_llama']['seconds']:8.3f} "
                      f"{k['lora_llama']['seconds']:7.3f} {ratio:9.2f} {k['ratio_with_attention_to_lora_llama']:8.2f}  "
                      + ("met" if ratio >= TARGET_RATIO else "NOT met"))
+    if result.get("threads", 1) > 1 and result.get("env", {}).get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        lines.append("note: OMP_WAIT_POLICY=PASSIVE wakes a sleeping thread for every parallel op, which the M+ steps' "
+                     "many small ops pay more than the plain step (module docstring); make bench spins briefly "
+                     "instead (GOMP_SPINCOUNT=10000)")
     return "\n".join(lines)
 

@@ -143,6 +143,12 @@ def test_training_benchmark_reports_every_step_kind_and_the_plain_step(tmp_path,
     for name, kind in result["kinds"].items():
         met = kind["ratio_with_attention_to_plain_llama"] >= 0.8
         assert verdicts[name] == ("met" if met else "NOT met"), (name, kind["ratio_with_attention_to_plain_llama"])
+    # a wait policy that taxes the M+ steps' many small ops is pointed out (make test runs with PASSIVE)
+    from mplus_lightning.bench_training import summary
+    passive = {**result, "threads": 2, "env": {"OMP_WAIT_POLICY": "PASSIVE"}}
+    assert "GOMP_SPINCOUNT=10000" in summary(passive)
+    assert "GOMP_SPINCOUNT" not in summary({**passive, "env": {"GOMP_SPINCOUNT": "10000"}})
+    assert "GOMP_SPINCOUNT" not in summary({**passive, "threads": 1})
     assert set(result["kinds"]) == {"full", "revisit", "multi", "multi_one_chunk", "single"}
     for kind in result["kinds"].values():
         assert kind["flops"] > 0 and kind["seconds"] > 0 and math.isfinite(kind["ratio_to_plain_llama"])
