@@ -34,6 +34,7 @@ demo-backbone: setup  ## regenerate data/demo_backbone (the demo's pretrained ti
 # (the default) lets one descheduled thread stall the others on a shared machine.
 BENCH_THREAD_ENV ?= GOMP_SPINCOUNT=10000 KMP_BLOCKTIME=1
 bench: setup  ## inference and training benchmarks at the `mid` shape (prints JSON)
+	@mkdir -p bench_out
 	$(BENCH_THREAD_ENV) $(PY) -m mplus_lightning.bench inference --shape mid --out bench_out/inference.json
 	$(BENCH_THREAD_ENV) $(PY) -m mplus_lightning.bench training --shape mid --out bench_out/training.json
 

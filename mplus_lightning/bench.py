@@ -760,6 +760,21 @@ def run_profile(shape: Shape, device: torch.device, dtype: torch.dtype, threads:
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def make_out_dir(parser: argparse.ArgumentParser, out: str) -> None:
+    """Create --out's directory, or refuse the path in one line (a directory, or under a file)."""
+    if os.path.isdir(out):
+        parser.error(f"--out {out} is a directory; pass a file path such as {os.path.join(out, 'result.json')}")
+    parent = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        blocker = parent
+        while blocker and not os.path.exists(blocker):
+            blocker = os.path.dirname(blocker)
+        why = f"{blocker} is a file" if os.path.isfile(blocker) else e.strerror
+        parser.error(f"--out {out}: cannot create its directory ({why}); pass a writable path")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(prog="python -m mplus_lightning.bench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -787,6 +802,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p_prof.add_argument("--calls", type=int, default=3)
     p_prof.add_argument("--top", type=int, default=15)
     args = parser.parse_args(argv)
+    if args.out:   # checked before the run, not after it: a minute of benchmark lost to a bad path
+        make_out_dir(parser, args.out)
 
     shape = SHAPES[args.shape]
     device = torch.device(args.device)

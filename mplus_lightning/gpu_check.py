@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
-import os
 import socket
 import statistics
 import time
@@ -40,7 +39,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .bench import SHAPES, Clock, Shape, build_model, emit, environment, random_ids, random_ltm
+from .bench import SHAPES, Clock, Shape, build_model, emit, environment, make_out_dir, random_ids, random_ltm
 from .config import StepConfig
 from .data.sample import Sample
 from .model.memory import LTM_PLACEMENTS, MemoryState
@@ -440,8 +439,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = sorted(set(placements) - set(PLACEMENTS))
     if unknown or not placements:
         parser.error(f"--placements: unknown {unknown}; choose from {list(PLACEMENTS)}")
-    if device.type == "cpu":
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if args.out:   # before minutes of GPU time, not after them
+        make_out_dir(parser, args.out)
     result = run_check(args.shape, device, placements, args.skip_training)
     emit(result, args.out)   # one line
     return result

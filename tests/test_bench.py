@@ -238,3 +238,17 @@ def test_profile_of_a_training_step_kind(keep_threads, capsys):
     with pytest.raises(SystemExit):
         bench.main(["profile", "--shape", "tiny", "--phases", "train_singel"])
     assert "--phases: unknown ['train_singel']" in capsys.readouterr().err
+
+
+def test_out_path_is_made_or_refused_before_the_run(tmp_path, capsys, keep_threads):
+    out = tmp_path / "new" / "dir" / "training.json"
+    bench.main(["training", "--shape", "tiny", "--threads", "1", "--repeats", "1", "--out", str(out)])
+    assert json.loads(out.read_text())["shape"] == "tiny"
+    capsys.readouterr()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for bad, says in ((blocker / "x.json", "a_file is a file"), (tmp_path, "is a directory")):
+        with pytest.raises(SystemExit):
+            bench.main(["training", "--shape", "tiny", "--out", str(bad)])
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err and "kind " not in err   # refused before any run

@@ -50,6 +50,10 @@ def test_the_8b_shape_on_cpu_is_refused_with_the_fix(capsys):
     with pytest.raises(SystemExit):
         gpu_check.main(["--shape", "tiny", "--placements", "gpu"])
     assert "--placements: unknown ['gpu']" in capsys.readouterr().err
+    # a path the JSON cannot be written to is refused before the run, not after minutes of GPU time
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--shape", "tiny", "--device", "cpu", "--out", __file__ + "/check.json"])
+    assert "is a file" in capsys.readouterr().err
 
 
 def test_verdicts_compare_the_best_placement_with_each_target():
