@@ -28,7 +28,7 @@ Shapes: `tiny` (seconds, for tests), `mid` (8 layers, d=256, the default: about 
 Threads: after each parallel op torch's OpenMP threads spin for a while before they sleep. By default they spin for
 milliseconds, so when another process holds a core a 2-thread run can slow down ~10x (measured here: inject 0.08 s
 -> 1.4 s); with OMP_WAIT_POLICY=PASSIVE they sleep at once and every parallel op pays a wake-up (~70 us here against
-~5 us for a 256x256 add), which an M+ step, with ~4x the ops of a plain Llama step, pays more. `make bench` sets a
+~5 us for a 256x256 add), which an M+ step, with 4-6x the ops of a plain Llama step, pays more. `make bench` sets a
 bounded spin, GOMP_SPINCOUNT=10000 (0.1-0.3 ms here; KMP_BLOCKTIME=1 for Intel's OpenMP); these must be in the
 environment before torch is imported. The JSON records them (`env`), the load average and a warning when busy.
 """

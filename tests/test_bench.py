@@ -227,6 +227,9 @@ def test_the_lora_llama_baseline_trains_what_m_plus_trains_of_its_backbone():
 
 
 def test_profile_of_a_training_step_kind(keep_threads, capsys):
+    from mplus_lightning.bench_training import KINDS
+
+    assert tuple(bench.TRAINING_PHASES.values()) == KINDS   # every kind `bench training` times can be profiled
     tiny = bench.SHAPES["tiny"]
     prof = bench.run_profile(tiny, torch.device("cpu"), torch.float32, threads=1, phases=("train_single",),
                              calls=1, top=5)
