@@ -822,7 +822,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         from .bench_training import run_training, summary
         load_start = _load_average()
         result = run_training(shape, args.threads, args.repeats)
-        result.update(load_average_start=load_start, load_average_end=_load_average(), env=thread_env())
+        result.update(load_average_start=load_start, load_average_end=_load_average(), env=thread_env(),
+                      cpu=_cpu_name())
         print(summary(result), file=sys.stderr)
     else:
         phases = tuple(x.strip() for x in args.phases.split(",") if x.strip())

@@ -13,8 +13,8 @@ Timings are medians of the repeats; the bench command adds the load average befo
 settings of the environment (`env`) to the JSON. Those move the ratios: an M+ step runs 4-6x the ops of the plain
 step (torch.profiler events), most of them small, so it pays more for each wake-up of a sleeping OpenMP thread (~70
 us here with OMP_WAIT_POLICY=PASSIVE, against ~5 us for a 256x256 add). Measured at mid shape, 2 threads, three
-rounds of each setting in alternation on an otherwise idle 2-core machine (M+ step unchanged since 189a7bc), ratio with
-attention (full / revisit / multi / one-chunk / single) to the plain step, then to the LoRA step:
+rounds of each setting in alternation on an otherwise idle 2-core Intel Xeon (M+ step unchanged since 189a7bc),
+ratio with attention (full / revisit / multi / one-chunk / single) to the plain step, then to the LoRA step:
     GOMP_SPINCOUNT=10000 (make bench)  plain 0.84-0.89 / 0.86-0.88 / 0.63-0.66 / 0.68-0.70 / 0.58-0.60
                                        LoRA  1.04-1.11 / 1.02-1.05 / 0.72-0.76 / 0.83-0.85 / 0.71-0.75
     OMP_WAIT_POLICY=PASSIVE            plain 0.92-0.96 / 1.00-1.03 / 0.45-0.49 / 0.65-0.66 / 0.45-0.46
