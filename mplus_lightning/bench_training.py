@@ -20,6 +20,10 @@ ratio with attention (full / revisit / multi / one-chunk / single) to the plain 
     OMP_WAIT_POLICY=PASSIVE            plain 0.92-0.96 / 1.00-1.03 / 0.45-0.49 / 0.65-0.66 / 0.45-0.46
                                        LoRA  1.11-1.21 / 1.30-1.33 / 0.53-0.57 / 0.81-0.86 / 0.58-0.60
     default (spins for milliseconds)   plain 0.82-0.89 / 0.88-0.89 / 0.66-0.68 / 0.71 / 0.60-0.63 (no LoRA step yet)
+    --threads 1 (two rounds)           plain 0.92-0.93 / 0.91 / 0.79-0.81 / 0.80-0.81 / 0.70-0.71
+                                       LoRA  1.08-1.10 / 1.00-1.02 / 0.88-0.90 / 0.93-0.94 / 0.81-0.83
+From one thread to two the M+ steps gain less than the plain one (multi 0.69 -> 0.47 s, plain 0.79 -> 0.44 s): their
+many small ops split poorly over threads.
 The single-chunk step (512 tokens: a 256-token write, then a 256-token read) took 0.18-0.20 s spinning and 0.36-0.37
 s with PASSIVE; the plain step 0.16-0.18 / 0.24-0.25 s (21.0 GFLOP without attention), the LoRA step 0.15-0.16 /
 0.23-0.24 s (14.7 GFLOP; M+ 14.0). Run with its LoRA-wrapped linears as their base linears (an experiment), the
