@@ -39,6 +39,7 @@ for the plain step; 4 FLOPs per score and head dimension forward, 8 backward, as
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -112,10 +113,15 @@ def _lora_llama(module: LtmModule) -> LlamaForCausalLM:
     return llama
 
 
+def _adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The benchmark's optimizer, the same for every step timed: AdamW over what `model` trains."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+
+
 def training_setup(shape, seed: int = 0) -> tuple[LtmModule, torch.optim.Optimizer]:
     """The stage-3 module of the benchmark (memory filled, long-term rows added) and an AdamW over what it trains."""
     module = _module(shape, seed)
-    return module, torch.optim.AdamW([p for p in module.model.parameters() if p.requires_grad], lr=1e-6)
+    return module, _adamw(module.model)
 
 
 def training_step(module: LtmModule, opt: torch.optim.Optimizer, kind: str, shape, g: torch.Generator) -> int:
@@ -127,6 +133,13 @@ def training_step(module: LtmModule, opt: torch.optim.Optimizer, kind: str, shap
     opt.step()
     opt.zero_grad(set_to_none=True)
     return result.tokens
+
+
+def _llama_step(llama: LlamaForCausalLM, opt: torch.optim.Optimizer, ids: torch.Tensor) -> None:
+    """One optimizer step of a transformers Llama, next-token loss on `ids` [1, n]."""
+    llama(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
 
 
 def _time(fn, repeats: int, warmup: int = 1) -> list[float]:
@@ -192,13 +205,11 @@ def run_training(shape, threads: int = 2, repeats: int = 3) -> dict[str, Any]:
     module, opt = training_setup(shape)
     g = torch.Generator().manual_seed(1)
     # The plain step: a transformers Llama of the same shape, all weights trainable, one sequence as long as the
-    # kind's real tokens (a GEMM's rate grows with its rows: a longer plain step would flatter the plain side).
-    hf = LlamaForCausalLM(module.model.llama.config)
-    hf_opt = torch.optim.AdamW(hf.parameters(), lr=1e-6)
-    lora = _lora_llama(module)
-    lora_opt = torch.optim.AdamW([p for p in lora.parameters() if p.requires_grad], lr=1e-6)
-    plain_flops: dict[int, tuple[int, int]] = {}
-    lora_flops: dict[int, tuple[int, int]] = {}
+    # kind's real tokens (a GEMM's rate grows with its rows: a longer plain step would flatter the plain side); and the
+    # same Llama trained as M+ trains its backbone (frozen, LoRA).
+    baselines = {name: (llama, _adamw(llama)) for name, llama in
+                 (("plain_llama", LlamaForCausalLM(module.model.llama.config)), ("lora_llama", _lora_llama(module)))}
+    baseline_flops: dict[tuple[str, int], tuple[int, int]] = {}
     kinds: dict[str, Any] = {}
     for kind in KINDS:
         def step(kind=kind):
@@ -207,36 +218,25 @@ def run_training(shape, threads: int = 2, repeats: int = 3) -> dict[str, Any]:
         tokens = step()                       # warm-up; also gives the real tokens of this kind
         x = torch.randint(3, shape.vocab, (1, tokens), generator=g)
 
-        def plain_step(x=x):
-            hf(input_ids=x, labels=x).loss.backward()
-            hf_opt.step()
-            hf_opt.zero_grad(set_to_none=True)
-
-        def lora_step(x=x):
-            lora(input_ids=x, labels=x).loss.backward()
-            lora_opt.step()
-            lora_opt.zero_grad(set_to_none=True)
-
-        plain_step()
-        lora_step()
+        steps = {name: functools.partial(_llama_step, llama, llama_opt, x)
+                 for name, (llama, llama_opt) in baselines.items()}
+        for fn in steps.values():
+            fn()                              # warm-up
         flops, attention_flops = _flops(step)
-        if tokens not in plain_flops:
-            plain_flops[tokens] = _flops(plain_step)
-            lora_flops[tokens] = _flops(lora_step)
+        for name, fn in steps.items():
+            if (name, tokens) not in baseline_flops:
+                baseline_flops[name, tokens] = _flops(fn)
         # side by side: the steps alternate, so that a change in the machine's load hits all alike
-        secs, plain_secs, lora_secs = [], [], []
+        secs, baseline_secs = [], {name: [] for name in steps}
         for _ in range(repeats):
             secs += _time(step, 1, warmup=0)
-            plain_secs += _time(plain_step, 1, warmup=0)
-            lora_secs += _time(lora_step, 1, warmup=0)
-        kinds[kind] = {**_rate(tokens, flops, attention_flops, secs),
-                       "plain_llama": _rate(tokens, *plain_flops[tokens], plain_secs),
-                       "lora_llama": _rate(tokens, *lora_flops[tokens], lora_secs)}
-        k = kinds[kind]
-        for base in ("plain_llama", "lora_llama"):
-            b = k[base]
-            k[f"ratio_to_{base}"] = k["flops_per_s"] / b["flops_per_s"]
-            k[f"ratio_with_attention_to_{base}"] = k["flops_per_s_with_attention"] / b["flops_per_s_with_attention"]
+            for name, fn in steps.items():
+                baseline_secs[name] += _time(fn, 1, warmup=0)
+        k = kinds[kind] = _rate(tokens, flops, attention_flops, secs)
+        for name in steps:
+            b = k[name] = _rate(tokens, *baseline_flops[name, tokens], baseline_secs[name])
+            k[f"ratio_to_{name}"] = k["flops_per_s"] / b["flops_per_s"]
+            k[f"ratio_with_attention_to_{name}"] = k["flops_per_s_with_attention"] / b["flops_per_s_with_attention"]
     return {
         "shape": shape.name, "threads": threads, "repeats": repeats, "context_chunks": CONTEXT_CHUNKS,
         "chunk_tokens": shape.chunk_tokens, "target_tokens": shape.prompt_tokens, "ltm_rows": shape.ltm_rows,
@@ -256,7 +256,10 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(f"{name:16s} {k['seconds']:7.3f} {k['plain_llama']['seconds']:8.3f} "
                      f"{k['lora_llama']['seconds']:7.3f} {ratio:9.2f} {k['ratio_with_attention_to_lora_llama']:8.2f}  "
                      + ("met" if ratio >= TARGET_RATIO else "NOT met"))
-    if result.get("threads", 1) > 1 and result.get("env", {}).get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+    env = result.get("env", {})
+    # GOMP_SPINCOUNT, when set, decides the spin whatever the policy says (as bench.busy_machine_warning reads it)
+    if result.get("threads", 1) > 1 and env.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE" \
+            and "GOMP_SPINCOUNT" not in env:
         lines.append("note: OMP_WAIT_POLICY=PASSIVE wakes a sleeping thread for every parallel op, which the M+ steps' "
                      "many small ops pay more than the plain step (module docstring); make bench spins briefly "
                      "instead (GOMP_SPINCOUNT=10000)")
