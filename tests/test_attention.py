@@ -30,8 +30,10 @@ def bottom_right_causal_mask(q: int, total: int, dtype: torch.dtype, device) -> 
     return mask[None, None]
 
 
-def masked_attention(query, key, value, *, scale=None, dropout=0.0):
+def masked_attention(query, key, value, *, past=None, scale=None, dropout=0.0):
     """What transformers' SDPA attention computed with that mask: K/V heads repeated per query group, then SDPA."""
+    if past is not None:
+        key, value = torch.cat([past[0], key], 2), torch.cat([past[1], value], 2)
     group = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
     n, total = query.shape[2], key.shape[2]
@@ -91,6 +93,57 @@ def test_memory_attention_equals_masked_attention_with_gradients(shape, path):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     for ours, ref, name in zip(grads, expected_grads, "qkv"):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("path", ["cpu", "generic"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}kv{}n{}P{}".format(*s))
+def test_a_prefix_given_apart_gives_what_the_concatenated_keys_give(shape, path):
+    """`past=` (the cache's training and read passes): the same output and gradients, to the bit on the CPU path,
+    as the prefix concatenated in front of the tokens' keys."""
+    q, k, v = qkv(*shape)
+    P = k.shape[2] - q.shape[2]
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(5))
+    with generic_path() if path == "generic" else contextlib.nullcontext():
+        expected = memory_attention(q, k, v, scale=0.3)
+        expected_grads = torch.autograd.grad(expected, (q, k, v), grad)
+        parts = [t.detach()[:, :, s].requires_grad_() for t in (k, v) for s in (slice(0, P), slice(P, None))]
+        pk, k_own, pv, v_own = parts
+        out = memory_attention(q, k_own, v_own, past=(pk, pv), scale=0.3)
+    dq, dpk, dk, dpv, dv = torch.autograd.grad(out, (q, pk, k_own, pv, v_own), grad)
+    exact = path == "cpu"
+    check = torch.equal if exact else (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6))
+    assert check(out, expected)
+    assert check(dq, expected_grads[0])
+    assert check(torch.cat([dpk, dk], 2), expected_grads[1]) and check(torch.cat([dpv, dv], 2), expected_grads[2])
+
+
+def test_a_prefix_given_apart_must_leave_the_tokens_their_own_keys():
+    q, k, v = qkv(1, 4, 2, 5, 3)
+    with pytest.raises(ValueError, match="5 queries but 8 keys of their own"):
+        memory_attention(q, k, v, past=(k[:, :, :3], v[:, :, :3]))
+
+
+def test_cache_without_capacity_keeps_the_tokens_apart_and_joins_them_for_the_next_update():
+    """The cache hands the attention the prefix and the tokens' K/V as they are; a second update (a prompt read in
+    blocks) sees both earlier parts as its past, in order; a prefill starts the layer over."""
+    from mplus_lightning.model.mplus import MemoryKVCache
+    cache = MemoryKVCache(2)
+    prefix, first, second = (torch.randn(1, 2, t, 4) for t in (3, 5, 2))
+    cache.prefill(1, prefix, prefix + 1)
+    k, v, past = cache.update(first, first + 1, 1)
+    assert k is first and v is not None and past[0] is prefix
+    k, v, past = cache.update(second, second + 1, 1)
+    assert k is second and torch.equal(past[0], torch.cat([prefix, first], 2))
+    assert torch.equal(past[1], torch.cat([prefix, first], 2) + 1)
+    assert cache.get_seq_length(1) == 10 and cache.get_seq_length(0) == 0
+    k, v, past = cache.update(first, first, 0)                 # no prefix: nothing before the first tokens
+    assert past is None
+    cache.prefill(1, prefix, prefix)
+    assert cache.update(second, second, 1)[2][0] is prefix and cache.get_seq_length(1) == 5
+    full = MemoryKVCache(1, capacity=12)                       # preallocated: everything up to the tokens, no past
+    full.prefill(0, prefix, prefix)
+    k, v, past = full.update(first, first, 0)
+    assert past is None and torch.equal(k, torch.cat([prefix, first], 2))
 
 
 @pytest.mark.parametrize("threads", [1, 8])   # 8 > B * Hkv: the query heads are not folded into their K/V head

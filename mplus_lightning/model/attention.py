@@ -31,32 +31,52 @@ _HAS_CPU_FLASH = (hasattr(_aten, "_scaled_dot_product_flash_attention_for_cpu")
                   and hasattr(_aten, "_scaled_dot_product_flash_attention_for_cpu_backward"))
 
 
-def memory_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, scale: float | None = None,
+def memory_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *,
+                     past: tuple[torch.Tensor, torch.Tensor] | None = None, scale: float | None = None,
                      dropout: float = 0.0) -> torch.Tensor:
     """Attention [B, H, n, D] of queries [B, H, n, D] over keys/values [B, Hkv, P + n, D] whose first P rows are the
-    memory prefix: query i sees keys 0 .. P + i (every prefix row, then the tokens up to itself). H % Hkv == 0."""
-    n, total = query.shape[2], key.shape[2]
-    prefix = total - n
-    if prefix < 0:
-        raise ValueError(f"memory_attention: {n} queries but only {total} keys (the queries' own keys come last)")
+    memory prefix: query i sees keys 0 .. P + i (every prefix row, then the tokens up to itself). H % Hkv == 0.
+
+    past: the prefix's (keys, values) [B, Hkv, P, D] given apart; key/value are then the n tokens' own. The CPU path
+    reads the two parts as they are; the others concatenate them.
+    """
+    n = query.shape[2]
     device_type = query.device.type
     if torch.is_autocast_enabled(device_type):   # as autocast runs SDPA: all three in its lower-precision dtype
         dtype = torch.get_autocast_dtype(device_type)
     else:
         dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+    cpu_flash = device_type == "cpu" and dropout == 0.0 and _HAS_CPU_FLASH and n > 1
+    if past is not None:
+        if key.shape[2] != n:
+            raise ValueError(f"memory_attention: {n} queries but {key.shape[2]} keys of their own beside `past`")
+        past_key, past_value = past[0].to(dtype), past[1].to(dtype)
+        if cpu_flash and past_key.shape[2]:
+            query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+            return _PrefixThenCausalCPU.apply(query, past_key, past_value, key, value, _scale(query, scale))
+        key, value = torch.cat([past_key, key.to(dtype)], 2), torch.cat([past_value, value.to(dtype)], 2)
+    total = key.shape[2]
+    prefix = total - n
+    if prefix < 0:
+        raise ValueError(f"memory_attention: {n} queries but only {total} keys (the queries' own keys come last)")
     query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     grouped = query.shape[1] != key.shape[1]
     if n == 1 or prefix == 0:
         return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=n > 1, scale=scale,
                                               enable_gqa=grouped)
-    if device_type == "cpu" and dropout == 0.0 and _HAS_CPU_FLASH:
-        return _PrefixThenCausalCPU.apply(query, key, value, query.shape[-1] ** -0.5 if scale is None else scale)
+    if cpu_flash:
+        return _PrefixThenCausalCPU.apply(query, key[:, :, :prefix], value[:, :, :prefix], key[:, :, prefix:],
+                                          value[:, :, prefix:], _scale(query, scale))
     if grouped and not _flash_reads_grouped_heads(query, key, value, dropout):
         group = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
         grouped = False
     return F.scaled_dot_product_attention(query, key, value, attn_mask=causal_lower_right(n, total),
                                           dropout_p=dropout, scale=scale, enable_gqa=grouped)
+
+
+def _scale(query: torch.Tensor, scale: float | None) -> float:
+    return query.shape[-1] ** -0.5 if scale is None else scale
 
 
 def _flash_reads_grouped_heads(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
@@ -97,30 +117,26 @@ class _PrefixThenCausalCPU(torch.autograd.Function):
     """`memory_attention` on CPU: the prefix part and the causal token part as two fused kernels, merged by LSE."""
 
     @staticmethod
-    def forward(ctx, query, key, value, scale: float):
-        n = query.shape[2]
-        prefix = key.shape[2] - n
+    def forward(ctx, query, prefix_key, prefix_value, key, value, scale: float):
         # Folding the query heads of a K/V head into one block reads each K/V block once per block of queries; it
         # also leaves only B * Hkv units for the backward's threads, so it is used when those keep every thread busy.
         fold = query.shape[1] != key.shape[1] and query.shape[0] * key.shape[1] >= torch.get_num_threads()
-        out_p, lse_p = _cpu_flash(query, key[:, :, :prefix], value[:, :, :prefix], False, scale, fold)
-        out_t, lse_t = _cpu_flash(query, key[:, :, prefix:], value[:, :, prefix:], True, scale, False)
+        out_p, lse_p = _cpu_flash(query, prefix_key, prefix_value, False, scale, fold)
+        out_t, lse_t = _cpu_flash(query, key, value, True, scale, False)
         lse = torch.logaddexp(lse_p, lse_t)
         out = (out_p * (lse_p - lse).exp().unsqueeze(-1) + out_t * (lse_t - lse).exp().unsqueeze(-1)).to(query.dtype)
-        ctx.save_for_backward(query, key, value, out, lse)
+        ctx.save_for_backward(query, prefix_key, prefix_value, key, value, out, lse)
         ctx.scale, ctx.fold = scale, fold
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        query, key, value, out, lse = ctx.saved_tensors
-        prefix = key.shape[2] - query.shape[2]
+        query, prefix_key, prefix_value, key, value, out, lse = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        dq_p, dk_p, dv_p = _cpu_flash_backward(grad_out, query, key[:, :, :prefix], value[:, :, :prefix], out, lse,
-                                               False, ctx.scale, ctx.fold)
-        dq_t, dk_t, dv_t = _cpu_flash_backward(grad_out, query, key[:, :, prefix:], value[:, :, prefix:], out, lse,
-                                               True, ctx.scale, False)
-        return dq_p + dq_t, torch.cat([dk_p, dk_t], 2), torch.cat([dv_p, dv_t], 2), None
+        dq_p, dk_p, dv_p = _cpu_flash_backward(grad_out, query, prefix_key, prefix_value, out, lse, False, ctx.scale,
+                                               ctx.fold)
+        dq_t, dk_t, dv_t = _cpu_flash_backward(grad_out, query, key, value, out, lse, True, ctx.scale, False)
+        return dq_p + dq_t, dk_p, dv_p, dk_t, dv_t, None
 
 
 class MemoryAttention(LlamaAttention):
@@ -146,8 +162,9 @@ class MemoryAttention(LlamaAttention):
         value = self.v_proj(hidden_states).view(heads).transpose(1, 2)
         cos, sin = position_embeddings
         query, key = apply_rotary_pos_emb(query, key, cos, sin)
+        past = None
         if cache is not None:
-            key, value = cache.update(key, value, self.layer_idx)
-        out = memory_attention(query, key, value, scale=self.scaling,
+            key, value, past = cache.update(key, value, self.layer_idx)
+        out = memory_attention(query, key, value, past=past, scale=self.scaling,
                                dropout=self.attention_dropout if self.training else 0.0)
         return self.o_proj(out.transpose(1, 2).reshape(B, n, -1)), None

@@ -60,8 +60,9 @@ def is_memory_parameter(name: str) -> bool:
 class MemoryKVCache:
     """Per-layer key/value cache that starts with a memory prefix. Called by the layer's attention as `cache.update`.
 
-    With `capacity` the buffers are preallocated (generation: no re-concatenation per token); without, the prefix and
-    the query K/V are concatenated once (write and training passes, where autograd must see plain ops).
+    With `capacity` the buffers are preallocated (generation: no re-concatenation per token); without, the tokens' K/V
+    are kept apart from what came before them (write, read and training passes: the CPU attention reads the two parts
+    separately, so concatenating them would only copy both, forward and backward).
     """
 
     def __init__(self, num_layers: int, capacity: int | None = None):
@@ -69,14 +70,28 @@ class MemoryKVCache:
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.lengths = [0] * num_layers
+        # without capacity: the last update's K/V, joined to keys/values only if another update follows
+        self._latest: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
 
-    def _put(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _past(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(keys, values) of everything before the next tokens (no capacity)."""
+        if self._latest[layer] is not None:
+            k, v = self._latest[layer]
+            self._latest[layer] = None
+            if self.keys[layer] is None:
+                self.keys[layer], self.values[layer] = k, v
+            else:
+                self.keys[layer] = torch.cat([self.keys[layer], k], 2)
+                self.values[layer] = torch.cat([self.values[layer], v], 2)
+        return None if self.keys[layer] is None else (self.keys[layer], self.values[layer])
+
+    def _put(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         n = self.lengths[layer]
         if self.capacity is None:
-            if self.keys[layer] is not None:
-                k, v = torch.cat([self.keys[layer], k], 2), torch.cat([self.values[layer], v], 2)
-            self.keys[layer], self.values[layer], self.lengths[layer] = k, v, k.shape[2]
-            return k, v
+            past = self._past(layer)
+            self._latest[layer] = (k, v)
+            self.lengths[layer] = n + k.shape[2]
+            return k, v, past
         if self.keys[layer] is None:
             B, H, _, D = k.shape
             self.keys[layer] = k.new_empty(B, H, self.capacity, D)
@@ -87,16 +102,19 @@ class MemoryKVCache:
         self.keys[layer][:, :, n:end] = k
         self.values[layer][:, :, n:end] = v
         self.lengths[layer] = end
-        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end], None
 
     def prefill(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Start layer `layer` over with the memory prefix (activation checkpointing re-runs a layer: no stacking)."""
         if self.capacity is None:
-            self.keys[layer] = self.values[layer] = None
+            self.keys[layer] = self.values[layer] = self._latest[layer] = None
         self.lengths[layer] = 0
         self._put(layer, k, v)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """Add the tokens' K/V [B, Hkv, n, D] -> (keys, values, past) for `attention.memory_attention`: with a
+        capacity, keys/values are every position up to these tokens (views of the buffers) and past is None;
+        without, they are the tokens' own and past the (keys, values) before them (or None: nothing before)."""
         return self._put(layer_idx, key_states, value_states)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
