@@ -6,7 +6,8 @@
     python -m mplus_lightning.bench profile   [--shape mid] [--phases inject,prefill,generate,train_single] [--top 15]
 
 `inference` prints one JSON object (and writes it with --out):
-  * model      seconds for one inject of a chunk, one read prefill (last logit only, and all logits), one generate
+  * model      seconds for one inject of a chunk, the read prefill right after it (which also projects the changed
+               pool's K/V), the read prefill against an unchanged pool (last logit only, and all logits), one generate
                (prompt + new tokens, never stopping early), each timed round-robin over `repeats` rounds so that machine
                noise hits every operation alike; medians, minima and all samples are reported;
   * stream     a stream of injections of fresh chunks: total and per-injection seconds (first and last 10% apart, to
@@ -334,7 +335,11 @@ def ltm_bytes(ltm: LongTermMemory) -> dict[str, int]:
 # ---- the benchmark --------------------------------------------------------------------------------------------------
 def bench_model(model: MPlus, memory: MemoryState, shape: Shape, device: torch.device, repeats: int, warmup: int,
                 ids_gen: torch.Generator) -> dict[str, Any]:
-    """inject / read (last logit) / read (all logits) / generate, timed round-robin."""
+    """inject / read right after it / read (last logit) / read (all logits) / generate, timed round-robin.
+
+    A read after an inject also projects the changed short-term pool's K/V (then kept for later reads of the same
+    memory, `MemoryState.kv_store`): `read_after_inject` times that, the reads after it the prefill against an
+    unchanged pool (as `gpu_check`'s prefill)."""
     clock = Clock(device)
     evict_gen = torch.Generator().manual_seed(1)
     prompt = random_ids(shape, shape.prompt_tokens, ids_gen, device)
@@ -349,6 +354,7 @@ def bench_model(model: MPlus, memory: MemoryState, shape: Shape, device: torch.d
     ops: dict[str, Callable[[], Any]] = {
         "inject": lambda: model.inject(memory, random_ids(shape, shape.chunk_tokens, ids_gen, device),
                                        generator=evict_gen),
+        "read_after_inject": lambda: model.read(memory, prompt, logits_to_keep=1),
         "read_prefill_last_logit": lambda: model.read(memory, prompt, logits_to_keep=1),
         "read_prefill_full_logits": lambda: model.read(memory, prompt),
         "generate": generate,
@@ -380,12 +386,15 @@ def bench_model(model: MPlus, memory: MemoryState, shape: Shape, device: torch.d
         inject_tokens_per_s=_num(shape.chunk_tokens / med["inject"]),
         prefill_tokens_per_s=_num(shape.prompt_tokens / med["read_prefill_last_logit"]),
         full_logits_extra_s=_num(med["read_prefill_full_logits"] - med["read_prefill_last_logit"]),
+        pool_kv_after_inject_s_est=_num(med["read_after_inject"] - med["read_prefill_last_logit"]),
         decode_s_per_token_est=_num(max(0.0, med["generate"] - med["read_prefill_last_logit"])
                                     / max(1, shape.new_tokens - 1)),
         prefix_rows_per_layer=model.prefix_length(memory),
         ltm_rows_per_layer_during=[ltm_before, memory.ltm.size],
         warmup_rounds=warmup, repeats=repeats,
-        note="round-robin: each repeat runs inject, read(last logit), read(all logits), generate once; "
+        note="round-robin: each repeat runs inject, read(last logit) right after it (read_after_inject: it also "
+             "projects the changed pool's K/V), read(last logit) and read(all logits) against the unchanged pool, "
+             "generate once; pool_kv_after_inject_s_est = read_after_inject - read_prefill_last_logit; "
              "decode_s_per_token_est = (generate - read_last_logit) / (new_tokens - 1); cpu_s_median = process CPU "
              "seconds (all threads; on a shared machine wall >> cpu/threads means the run was descheduled)",
     )

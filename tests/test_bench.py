@@ -41,7 +41,7 @@ def test_inference_tiny_end_to_end(tmp_path, keep_threads, capsys):
     assert settings["torch"] == torch.__version__
 
     model = printed["model"]
-    for op in ("inject", "read_prefill_last_logit", "read_prefill_full_logits", "generate"):
+    for op in ("inject", "read_after_inject", "read_prefill_last_logit", "read_prefill_full_logits", "generate"):
         _timings(model[f"{op}_s"], op)
         assert model[f"{op}_s"]["n"] == 2
     for key in ("inject_tokens_per_s", "prefill_tokens_per_s", "decode_s_per_token_est"):
