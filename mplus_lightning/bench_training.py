@@ -13,9 +13,14 @@ Timings are medians of the repeats; the bench command adds the load average befo
 settings of the environment (`env`) to the JSON. Those move the ratios: an M+ step runs 4-6x the ops of the plain
 step (torch.profiler events), most of them small, so it pays more for each wake-up of a sleeping OpenMP thread (~70
 us here with OMP_WAIT_POLICY=PASSIVE, against ~5 us for a 256x256 add). Measured at mid shape, 2 threads, three
-rounds of each setting in alternation on an otherwise idle 2-core Intel Xeon (M+ step unchanged since 189a7bc),
-ratio with attention (full / revisit / multi / one-chunk / single) to the plain step, then to the LoRA step:
-    GOMP_SPINCOUNT=10000 (make bench)  plain 0.84-0.89 / 0.86-0.88 / 0.63-0.66 / 0.68-0.70 / 0.58-0.60
+rounds of each setting in alternation on an otherwise idle 2-core Intel Xeon, ratio with attention (full / revisit /
+multi / one-chunk / single) to the plain step, then to the LoRA step. The first row is the M+ step of 32903e1, timed in
+alternation with 189a7bc's (whose cache concatenated the tokens' K/V to the prefix's): its multi, one-chunk and
+single-chunk steps took 2-8% less time, full and revisit the same within noise, and the ratios of both overlap, as
+the baselines moved as much between rounds. The other rows are 189a7bc's M+ step:
+    GOMP_SPINCOUNT=10000 (make bench)  plain 0.90-0.91 / 0.81-0.92 / 0.62-0.64 / 0.69-0.71 / 0.55-0.60
+                                       LoRA  1.09-1.12 / 0.98-1.11 / 0.72-0.75 / 0.83-0.86 / 0.68-0.69
+    the same, 189a7bc's M+ step        plain 0.84-0.89 / 0.86-0.88 / 0.63-0.66 / 0.68-0.70 / 0.58-0.60
                                        LoRA  1.04-1.11 / 1.02-1.05 / 0.72-0.76 / 0.83-0.85 / 0.71-0.75
     OMP_WAIT_POLICY=PASSIVE            plain 0.92-0.96 / 1.00-1.03 / 0.45-0.49 / 0.65-0.66 / 0.45-0.46
                                        LoRA  1.11-1.21 / 1.30-1.33 / 0.53-0.57 / 0.81-0.86 / 0.58-0.60
