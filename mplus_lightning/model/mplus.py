@@ -85,7 +85,8 @@ class MemoryKVCache:
                 self.values[layer] = torch.cat([self.values[layer], v], 2)
         return None if self.keys[layer] is None else (self.keys[layer], self.values[layer])
 
-    def _put(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+    def _put(self, layer: int, k: torch.Tensor, v: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         n = self.lengths[layer]
         if self.capacity is None:
             past = self._past(layer)
