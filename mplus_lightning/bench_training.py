@@ -217,9 +217,7 @@ def run_training(shape, threads: int = 2, repeats: int = 3) -> dict[str, Any]:
     baseline_flops: dict[tuple[str, int], tuple[int, int]] = {}
     kinds: dict[str, Any] = {}
     for kind in KINDS:
-        def step(kind=kind):
-            return training_step(module, opt, kind, shape, g)
-
+        step = functools.partial(training_step, module, opt, kind, shape, g)
         tokens = step()                       # warm-up; also gives the real tokens of this kind
         x = torch.randint(3, shape.vocab, (1, tokens), generator=g)
 

@@ -131,7 +131,7 @@ def test_cache_without_capacity_keeps_the_tokens_apart_and_joins_them_for_the_ne
     prefix, first, second = (torch.randn(1, 2, t, 4) for t in (3, 5, 2))
     cache.prefill(1, prefix, prefix + 1)
     k, v, past = cache.update(first, first + 1, 1)
-    assert k is first and v is not None and past[0] is prefix
+    assert k is first and torch.equal(v, first + 1) and past[0] is prefix and torch.equal(past[1], prefix + 1)
     k, v, past = cache.update(second, second + 1, 1)
     assert k is second and torch.equal(past[0], torch.cat([prefix, first], 2))
     assert torch.equal(past[1], torch.cat([prefix, first], 2) + 1)

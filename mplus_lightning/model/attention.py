@@ -46,20 +46,19 @@ def memory_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         dtype = torch.get_autocast_dtype(device_type)
     else:
         dtype = torch.promote_types(torch.promote_types(query.dtype, key.dtype), value.dtype)
+    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     cpu_flash = device_type == "cpu" and dropout == 0.0 and _HAS_CPU_FLASH and n > 1
     if past is not None:
         if key.shape[2] != n:
             raise ValueError(f"memory_attention: {n} queries but {key.shape[2]} keys of their own beside `past`")
         past_key, past_value = past[0].to(dtype), past[1].to(dtype)
         if cpu_flash and past_key.shape[2]:
-            query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
             return _PrefixThenCausalCPU.apply(query, past_key, past_value, key, value, _scale(query, scale))
-        key, value = torch.cat([past_key, key.to(dtype)], 2), torch.cat([past_value, value.to(dtype)], 2)
+        key, value = torch.cat([past_key, key], 2), torch.cat([past_value, value], 2)
     total = key.shape[2]
     prefix = total - n
     if prefix < 0:
         raise ValueError(f"memory_attention: {n} queries but only {total} keys (the queries' own keys come last)")
-    query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     grouped = query.shape[1] != key.shape[1]
     if n == 1 or prefix == 0:
         return F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, is_causal=n > 1, scale=scale,
