@@ -242,3 +242,20 @@ def test_a_training_read_projects_its_gradient_free_rows_apart_from_bos(tiny_mod
     with torch.no_grad():   # inference: the pool's K/V into the memory's store, BOS with the retrieved rows
         tiny_model.read(memory.clone(), ids)
     assert sorted(calls) == sorted([(N, False), (1 + K0, False)] * L)
+
+
+def test_the_lm_loss_is_taken_on_float32_logits_when_the_model_runs_in_bfloat16():
+    # bf16-true precision (no autocast): the lm_head's output is bf16, but the cross-entropy runs on float32 logits,
+    # as in the official training; a bf16 log-softmax over the vocabulary would round the loss to 3 digits.
+    torch.manual_seed(0)
+    model = randomize_adapters(MPlus(tiny_config())).to(torch.bfloat16)
+    memory = filled(model, 3)
+    ids = random_ids(20)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    loss, count = model.lm_loss(ids, mask, model.view(memory))
+    assert loss.dtype == torch.float32 and int(count) == 19 and torch.isfinite(loss)
+    with torch.no_grad():
+        logits = model.read(memory, ids)[0, :-1]
+    assert logits.dtype == torch.bfloat16
+    want = torch.nn.functional.cross_entropy(logits.float(), ids[0, 1:])
+    torch.testing.assert_close(loss.detach(), want, rtol=0.02, atol=0.02)

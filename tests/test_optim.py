@@ -101,6 +101,25 @@ def test_stage1_schedule_matches_the_official_linear_decay(official):
         assert seen[k] == pytest.approx(lr, rel=1e-9), k
 
 
+def test_a_warm_up_ramps_linearly_from_the_first_step_and_multiplies_the_decay():
+    # Not official (it has no warm-up) but offered (optim.warmup_steps): step k trains at min(1, (k+1)/W) of the rate
+    # the schedule gives, so the first step is not taken at 0 and step W-1 reaches the full rate.
+    cfg = C.load(ROOT / "experiments" / CONFIGS["stage1"], [*TINY, "optim.warmup_steps=10"])
+    result = module_for(cfg.stage)(cfg, [5, 6]).configure_optimizers()
+    opt, sched = result["optimizer"], result["lr_scheduler"]["scheduler"]
+    o = cfg.optim
+    seen = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # "scheduler.step() before optimizer.step()": no training here
+        for _ in range(30):
+            seen.append(opt.param_groups[0]["lr"])
+            sched.step()
+    decay = [1 - (1 - o.final_lr_factor) * k / o.decay_steps for k in range(30)]
+    want = [o.lr * min(1.0, (k + 1) / 10) * decay[k] for k in range(30)]
+    assert seen == pytest.approx(want, rel=1e-12)
+    assert seen[0] == pytest.approx(o.lr / 10 * decay[0]) and seen[9] == pytest.approx(o.lr * decay[9])
+
+
 def test_print_config_shows_the_effective_learning_rates(capsys):
     assert fit_main(["--config", str(ROOT / "experiments" / "stage1.yaml"), "--print-config"]) == 0
     stage1 = capsys.readouterr().out

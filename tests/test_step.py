@@ -16,6 +16,7 @@ from mplus_lightning.stages.step import (
     ScriptedDecisions,
     retrieval_labels,
     rows_written_at,
+    target_sequence,
 )
 
 from .conftest import randomize_adapters
@@ -185,10 +186,72 @@ def test_default_decisions_draw_from_the_documented_streams():
     d = Decisions(cfg, seed=7, rank=1)
     steps, rank = random.Random("7:steps"), random.Random("7:1")
     assert [d.full_context() for _ in range(20)] == [steps.random() < 0.3 for _ in range(20)]
-    assert d.query_lengths(10, 3) == [rank.randint(1, 9) for _ in range(3)]
+    # 200 draws: a few can agree by chance with another range (randint reads the same bits for 1..9 and 1..10)
+    assert d.query_lengths(10, 200) == [rank.randint(1, 9) for _ in range(200)]
+    assert d.ltm_query_lengths(10, 200) == [rank.randint(1, 9) for _ in range(200)]
+    assert d.query_lengths(2, 50) == d.ltm_query_lengths(2, 50) == [1] * 50   # never the whole target
     memory = MPlus(tiny_config()).new_memory()
     assert torch.equal(d.evictions(memory), memory.sample_evictions(torch.Generator().manual_seed(7001)))
     assert d.num_chunks(available=3, scheduled=8) == 3 and d.num_chunks(available=9, scheduled=8) == 8
+
+
+def test_default_decisions_ask_one_stream_in_the_steps_order_with_the_documented_comparisons():
+    cfg = StepConfig(full_context_ratio=0.3, multi_chunk_ratio=0.6, pass_ratio=0.3, empty_prob=0.5)
+    d, steps = Decisions(cfg, seed=5, rank=0), random.Random("5:steps")
+    for _ in range(50):
+        assert d.full_context() == (steps.random() < 0.3)
+        assert d.multi_chunk() == (steps.random() < 0.6)
+        assert d.revisit() == (steps.random() >= 0.3)      # pass_ratio is the probability of *not* revisiting
+        assert d.replace_cache() == (steps.random() < 0.5)
+
+
+def written_chunks(step: MemoryStep) -> list[list[torch.Tensor]]:
+    """Record the chunks each no-gradient injection of `step` writes (a multi-chunk step of several chunks)."""
+    seen, inject = [], step._inject_no_grad
+
+    def recording(memory, stamps, chunks, *args, **kwargs):
+        seen.append([c.clone() for c in chunks])
+        return inject(memory, stamps, chunks, *args, **kwargs)
+    step._inject_no_grad = recording
+    return seen
+
+
+@pytest.mark.parametrize("repeat", [False, True])
+def test_a_multi_chunk_step_of_fewer_chunks_than_the_document_injects_its_last_ones_or_a_repeats_first(repeat):
+    # The document has 3 chunks, the step injects 2: a normal sample reads its target after its last 2 chunks (the
+    # text right before it); a repeat sample copies the text it injected, which starts at the document's start.
+    script = ScriptedDecisions(full_context=[False], multi_chunk=[True], num_chunks=[2],
+                               evictions=[torch.arange(K), torch.arange(K)], query_lengths=[[1, 2, 3]])
+    step = stage3_step(script, max_seq_length=64)
+    seen = written_chunks(step)
+    s = sample(n_contexts=3, repeat=repeat)
+    targets = []
+    target = step.target
+    step.target = lambda smp, chunks: targets.append(target(smp, chunks)) or targets[-1]
+    result = step.step(s)
+    want = s.contexts[:2] if repeat else s.contexts[1:]
+    assert result.kind == "multi" and result.metrics["num_contexts"] == 2
+    assert len(seen) == 1 and all(torch.equal(a, b) for a, b in zip(seen[0], want, strict=True))
+    ids = targets[0][0].reshape(-1)
+    if repeat:   # instruction [5, 6], then the injected text in order
+        assert ids.tolist() == [5, 6] + torch.cat(want).tolist()
+    else:
+        assert torch.equal(ids, s.target)
+    script.assert_consumed()
+
+
+def test_a_repeat_target_masks_the_instruction_and_the_extra_tokens_and_is_cut_at_max_seq_length():
+    chunks = [torch.arange(10, 22), torch.arange(30, 42)]     # 24 tokens of injected text
+    s = Sample(chunks, torch.arange(3, 8), repeat=True)
+    ids, mask = target_sequence(s, chunks, instruction_ids=[5, 6], max_seq_length=64, mask_extra_tokens=5)
+    assert ids.tolist() == [5, 6] + list(range(10, 22)) + list(range(30, 42))
+    assert mask.tolist() == [False] * 7 + [True] * 19         # the instruction and 5 more positions are not scored
+    ids, mask = target_sequence(s, chunks, instruction_ids=[5, 6], max_seq_length=16, mask_extra_tokens=5)
+    assert ids.tolist() == [5, 6] + list(range(10, 22)) + [30, 31]
+    assert mask.tolist() == [False] * 7 + [True] * 9
+    plain = Sample(chunks, torch.arange(3, 8), target_mask=torch.tensor([0, 0, 1, 1, 1]))
+    ids, mask = target_sequence(plain, chunks, instruction_ids=[5, 6], max_seq_length=4, mask_extra_tokens=5)
+    assert ids.tolist() == [3, 4, 5, 6] and mask.tolist() == [False, False, True, True]
 
 
 def test_the_state_round_trip_continues_exactly():

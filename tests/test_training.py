@@ -231,7 +231,8 @@ def test_bf16_precision_keeps_the_memory_in_bf16_and_trains(tmp_path):
     module = tiny_module(tmp_path, LtmModule, "trainer.precision=bf16-mixed", "step.full_context_ratio=0",
                          "step.revisit=false", "step.multi_chunk_ratio=1.0")
     assert module.memory_dtype == torch.bfloat16
-    module.memory.to(dtype=module.memory_dtype)
+    module.on_fit_start()   # the hook that casts the memory (and that a real fit runs before the first step)
+    assert module.memory.rows.dtype == module.memory.ltm.rows.dtype == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         result = module.memory_step.step(sample(n_contexts=2))
     result.loss.backward()
@@ -244,7 +245,8 @@ def test_bf16_one_chunk_multi_step_keeps_the_gradient_through_the_injection(tmp_
     # committed rows must take the new block in its own dtype (this crashed in scatter_ with a dtype mismatch).
     module = tiny_module(tmp_path, LtmModule, "trainer.precision=bf16-mixed", "step.full_context_ratio=0",
                          "step.revisit=false", "step.multi_chunk_ratio=1.0")
-    module.memory.to(dtype=module.memory_dtype)
+    module.on_fit_start()
+    assert module.memory.rows.dtype == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         result = module.memory_step.step(sample(n_contexts=1))
     result.loss.backward()
