@@ -31,13 +31,18 @@ def scalars(run_dir: Path, tag: str) -> dict[int, float]:
 
 @pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
-    straight = ltm_cfg(tmp_path, "straight", "trainer.max_steps=4", "trainer.ckpt_every_n_steps=2")
+    # LoRA dropout on (the shipped stage configs' 0.1): each step draws its masks from torch's global generator, so
+    # the resumed run must continue that generator exactly where the saved step left it (a validation at the saved
+    # step included).
+    run = ["trainer.ckpt_every_n_steps=2", "model.lora_dropout=0.1", "trainer.val_every_n_steps=2",
+           "trainer.val_batches=2"]
+    straight = ltm_cfg(tmp_path, "straight", "trainer.max_steps=4", *run)
     fit.run(straight)
-    first = ltm_cfg(tmp_path, "split", "trainer.max_steps=2", "trainer.ckpt_every_n_steps=2")
+    first = ltm_cfg(tmp_path, "split", "trainer.max_steps=2", *run)
     fit.run(first)
     (unit,) = ck.list_units(first.out_dir / "checkpoints")
     assert unit.step == 2 and unit.rank_state(0).is_file() and unit.model.is_file()
-    fit.run(ltm_cfg(tmp_path, "split", "trainer.max_steps=4", "trainer.ckpt_every_n_steps=2", "resume=last"))
+    fit.run(ltm_cfg(tmp_path, "split", "trainer.max_steps=4", *run, "resume=last"))
     a, b = scalars(straight.out_dir, "train/loss"), scalars(first.out_dir, "train/loss")
     assert sorted(a) == sorted(b) == [0, 1, 2, 3]
     for step in a:

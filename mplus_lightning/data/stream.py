@@ -287,6 +287,14 @@ def collate_single(batch: list[Sample]) -> Sample:
     return batch[0]
 
 
+def loader_generator() -> torch.Generator:
+    """The generator of a DataLoader that runs inside a fit. Making a loader's iterator draws its workers' base seed
+    from the loader's generator, else from torch's global one, which also draws every LoRA dropout mask: a resumed
+    run, which restores the global state and then makes its iterators, would train on other masks than the run it
+    continues. The streams draw nothing from torch's generators (their randomness is seeded per document)."""
+    return torch.Generator()
+
+
 class SampleLoader(DataLoader):
     """A batch-size-1 DataLoader over a `SampleStream` that sets exact positions and ends epochs honestly.
 
@@ -306,7 +314,8 @@ class SampleLoader(DataLoader):
                  sync_fn: Callable[[bool], bool] | None = None, on_end: Callable[[int], None] | None = None,
                  exhausted_at: int | None = None):
         super().__init__(dataset, batch_size=1, collate_fn=collate_single, num_workers=num_workers,
-                         pin_memory=pin_memory, prefetch_factor=prefetch_factor if num_workers > 0 else None)
+                         pin_memory=pin_memory, prefetch_factor=prefetch_factor if num_workers > 0 else None,
+                         generator=loader_generator())
         self._skip_fn, self._sync_fn, self._on_end = skip_fn, sync_fn, on_end
         self.exhausted_at = exhausted_at
 
@@ -529,7 +538,7 @@ class SampleDataModule(pl.LightningDataModule):
 
     def make_loader(self, dataset: IterableDataset) -> DataLoader:
         """How samples are batched for a step: one Sample (the memory stages); subclasses may batch."""
-        return DataLoader(dataset, batch_size=1, collate_fn=collate_single)
+        return DataLoader(dataset, batch_size=1, collate_fn=collate_single, generator=loader_generator())
 
     def fingerprint(self) -> list[list[Any]]:
         """What the data position refers to: (name, documents, weight) per source."""
