@@ -196,6 +196,8 @@ def test_datamodule_state_dict_and_position():
     with pytest.warns(UserWarning, match=r"different num_workers \(2 -> 1\)"):
         dm3.load_state_dict(state)
     assert dm3.samples_consumed == 6
+    with pytest.warns(UserWarning, match=r"different world_size \(2 -> 1\)"):   # saved by 2 ranks, resumed on 1
+        dm2.load_state_dict({**state, "world_size": 2})
 
 
 def test_validation_split_over_ranks():

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from mplus_lightning import MemoryState, checkpointing as ck, config as C, fit
 from mplus_lightning.checkpointing import CheckpointError, NonFiniteError
 from mplus_lightning.export import main as export_main
+from mplus_lightning.stages.step import MemoryStep
 
 from .test_step import sample, stage3_step
 from .test_training import scalars
@@ -177,6 +178,50 @@ def test_files_of_two_saves_are_never_combined(saved_run, tmp_path):
     with pytest.raises(CheckpointError, match=rf"{unit3.rank_state(0)} \(step 2\) and .*manifest.json \(step 3\) were "
                                               "written by different saves"):
         fit.prepare_run_folder(run_cfg(tmp_path, "run", "resume=last"), rank=0)
+
+
+@pytest.mark.slow
+def test_a_rank_state_of_another_save_of_the_same_step_is_refused(saved_run, tmp_path):
+    # Two runs of the same config save identical steps; only the save's id tells their files apart.
+    run = copy_run(saved_run, tmp_path)
+    twin = run_cfg(tmp_path / "twin", "run", "trainer.max_steps=3", "trainer.keep_checkpoints=3")
+    fit.run(twin)
+    unit3 = ck.Unit(run / "checkpoints" / "step=000000003", 3)
+    shutil.copy(ck.Unit(twin.out_dir / "checkpoints" / "step=000000003", 3).rank_state(0), unit3.rank_state(0))
+    rewrite_manifest(unit3)
+    with pytest.raises(CheckpointError, match=r"\(step 3\) and .*\(step 3\) were written by different saves"):
+        fit.prepare_run_folder(run_cfg(tmp_path, "run", "resume=last"), rank=0)
+
+
+def test_a_renamed_checkpoint_folder_is_not_resumed_as_a_later_step(saved_run, tmp_path):
+    run = copy_run(saved_run, tmp_path)
+    (run / "checkpoints" / "step=000000001").rename(run / "checkpoints" / "step=000000009")
+    with pytest.raises(CheckpointError, match=r"says step 1 but its folder is step=000000009: .*was renamed"):
+        fit.prepare_run_folder(run_cfg(tmp_path, "run", "resume=last"), rank=0)
+
+
+def test_every_rank_verifies_its_own_state(saved_run, tmp_path):
+    # A two-rank unit made from the one-rank run; rank 1's file is damaged: rank 1 names it (rank 0 reads its own).
+    run = copy_run(saved_run, tmp_path)
+    unit3 = ck.Unit(run / "checkpoints" / "step=000000003", 3)
+    shutil.copy(unit3.rank_state(0), unit3.rank_state(1))
+    manifest = json.loads((unit3.path / ck.MANIFEST).read_text())
+    (unit3.path / ck.MANIFEST).unlink()
+    tmp = unit3.path.with_name(unit3.path.name + ck.TMP)
+    unit3.path.rename(tmp)
+    ck.commit_unit(tmp, 3, manifest["id"], 2)
+    flip_bytes(unit3.rank_state(1))
+    with pytest.raises(CheckpointError, match=rf"{unit3.rank_state(1)} does not match its checksum"):
+        fit.prepare_run_folder(run_cfg(tmp_path, "run", "resume=last"), rank=1)
+
+
+def test_resuming_an_earlier_step_moves_the_newer_ones_aside_before_training(saved_run, tmp_path):
+    # Else `resume=last` after a crash before the next save would go back to the step the user chose to leave.
+    run = copy_run(saved_run, tmp_path)
+    fit.prepare_run_folder(run_cfg(tmp_path, "run", f"resume={run / 'checkpoints' / 'step=000000002'}"), rank=0)
+    assert steps(run) == [1, 2]
+    assert [p.name for p in (run / "checkpoints" / ck.SUPERSEDED).glob("*/step=*")] == ["step=000000003"]
+    assert fit.resume_unit(run_cfg(tmp_path, "run", "resume=last")).step == 2
 
 
 @pytest.mark.slow
@@ -345,6 +390,45 @@ def test_a_huge_learning_rate_stops_before_saving_non_finite_state(saved_run, tm
         assert f"learning rate changed on resume: optim.lr {huge_lr:g} -> 0.001" in caplog.text
 
 
+def poison_after_step(monkeypatch, step: int, what: str):
+    """Make the training step `step` return an infinite loss, or write a NaN into the memory's rows (a finite loss)."""
+    real = MemoryStep.step
+
+    def poisoned(self, sample, global_step=0):
+        result = real(self, sample, global_step)
+        if global_step == step:
+            if what == "inf loss":
+                result.loss = result.loss * float("inf")
+            else:
+                self.memory.rows[0, 0, 0] = float("nan")
+        return result
+    monkeypatch.setattr(MemoryStep, "step", poisoned)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("what, message", [("inf loss", r"non-finite training loss \(inf on rank 0\) at step 1"),
+                                           ("nan memory row", r"non-finite values after step 1 \(memory rows")])
+def test_an_infinite_loss_or_a_non_finite_memory_stops_before_it_is_saved(tmp_path, monkeypatch, what, message):
+    poison_after_step(monkeypatch, 1, what)
+    cfg = run_cfg(tmp_path, "run", "trainer.max_steps=4", "trainer.keep_checkpoints=-1")
+    with pytest.raises(NonFiniteError, match=message):
+        fit.run(cfg)
+    assert steps(cfg.out_dir) == [1], "only the step before the failure was saved"
+
+
+@pytest.mark.slow
+def test_a_non_finite_stop_on_the_command_line_is_one_error_line(tmp_path, monkeypatch, capsys):
+    poison_after_step(monkeypatch, 2, "inf loss")
+    args = ["--config", str(ROOT / "experiments" / "tiny.yaml"), "name=run", f"run_dir={tmp_path}",
+            "trainer.max_steps=4", "trainer.ckpt_every_n_steps=1", *QUIET]
+    assert fit.main(args) == 1
+    err = capsys.readouterr().err
+    (line,) = [x for x in err.splitlines() if x.startswith("error:")]
+    assert "Traceback" not in err and "non-finite training loss (inf on rank 0) at step 2" in line
+    # unit 2 holds the weights whose loss was infinite; unit 1 is the newest whose step was finite
+    assert f"resume={tmp_path / 'run' / 'checkpoints' / 'step=000000001'} and a lower learning rate" in line
+
+
 # ---- the pieces ----------------------------------------------------------------------------------------------------
 def test_rank_state_files_round_trip_the_step_exactly(tmp_path):
     first = stage3_step()
@@ -379,3 +463,10 @@ def test_pruning_keeps_the_newest_two_and_only_removes_committed_units(tmp_path)
     ck.prune(ckpts, keep=0)
     assert [u.step for u in ck.list_units(ckpts)] == [3, 4] and (ckpts / "step=000000005.tmp").is_dir()
     assert ck.remove_incomplete(ckpts) == [ckpts / "step=000000005.tmp"]
+
+
+def test_one_non_finite_element_is_enough_to_name_a_tensor():
+    x = torch.zeros(4)
+    x[1] = float("nan")
+    assert ck.first_non_finite([("fine", torch.zeros(3)), ("bad", x), ("also bad", x)]) == "bad"
+    assert ck.first_non_finite([("fine", torch.zeros(3)), ("ints", torch.arange(3))]) is None

@@ -182,3 +182,18 @@ def test_fsdp2_sharded_checkpoints_still_store_the_frozen_backbone(tmp_path):
     assert model.is_dir() and ck.FROZEN_BACKBONE not in ck.read_lightning_checkpoint(model)
     keys = set(ck.read_full_checkpoint(model)["state_dict"])
     assert {"model.llama.model.embed_tokens.weight", f"model.{CHANGED}"} <= keys
+
+
+@pytest.mark.slow
+def test_a_tensor_frozen_now_but_trained_in_the_saved_run_is_refused(runs):
+    # The saved run trained it (its checkpoint stores it, not its digest): the rebuilt copy must not overwrite it.
+    checkpoint = saved(runs.frozen, 3)
+    frozen = ck.frozen_backbone(run_cfg("unused", "frozen"), build_model(run_cfg("unused", "frozen")))
+    restored = ck.restore_frozen_backbone(checkpoint, frozen, "model.ckpt")
+    assert frozen.digests.keys() <= restored["state_dict"].keys()
+    record = checkpoint[ck.FROZEN_BACKBONE]
+    dropped = sorted(record["digests"])[0]
+    trained = {**checkpoint, ck.FROZEN_BACKBONE: {**record, "digests": {k: v for k, v in record["digests"].items()
+                                                                        if k != dropped}}}
+    with pytest.raises(CheckpointError, match=rf"tensor {dropped} is not part of the saved backbone"):
+        ck.restore_frozen_backbone(trained, frozen, "model.ckpt")
