@@ -4,6 +4,8 @@ Tolerances: the 2-rank run and the 1-process reference compute the same float32 
 with a reduce-scatter (sum then divide, in another order than our (g0 + g1) / 2) and AdamW divides by sqrt(v), so
 results agree to float32 rounding amplified over a few steps: losses to 1e-5 relative, weights to 1e-5 absolute.
 """
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -120,3 +122,46 @@ def test_resume_on_another_world_size_follows_the_documented_rule(tmp_path):
     proc = launch(tmp_path, "grow", "trainer.max_steps=3", "trainer.ckpt_every_n_steps=3", "resume=last",
                   devices=1)
     assert "saved by 2 ranks on 1 ranks: rank 0 continues the memory and step state of saved rank 0" in proc.stderr
+
+
+POISON_RANK_1 = '''
+import sys
+import torch
+from mplus_lightning import fit
+from mplus_lightning.stages.step import MemoryStep
+
+real = MemoryStep.step
+
+
+def poisoned(self, sample, global_step=0):
+    """Rank 1 only: a NaN in its memory after step 1 (its loss stays finite); rank 0 stays finite."""
+    result = real(self, sample, global_step)
+    if global_step == 1 and torch.distributed.get_rank() == 1:
+        self.memory.rows[0, 0, 0] = float("nan")
+    return result
+
+
+MemoryStep.step = poisoned
+sys.exit(fit.main(sys.argv[1:]))
+'''
+
+
+def test_a_non_finite_state_on_one_rank_stops_every_rank_before_the_save(tmp_path):
+    # Only rank 1 sees the NaN: if rank 0 went on to save, it would wait forever in the save's collectives.
+    script = tmp_path / "poisoned_fit.py"
+    script.write_text(POISON_RANK_1)
+    args = [sys.executable, str(script), "--config", str(ROOT / "experiments" / "tiny_ltm.yaml"), "name=nan",
+            f"run_dir={tmp_path}", "trainer.strategy=fsdp2", "trainer.devices=2", "trainer.max_steps=4",
+            "trainer.ckpt_every_n_steps=1", *COMMON]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail("a rank hung after another found non-finite state")
+    assert proc.returncode == 1, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("error: non-finite values after step 1")]
+    assert any("(memory rows, rank 1)" in line for line in errors), err[-3000:]
+    assert any("(on another rank, rank 0)" in line for line in errors), err[-3000:]
+    assert [u.step for u in ck.list_units(tmp_path / "nan" / "checkpoints")] == [1]
