@@ -2,9 +2,11 @@
 
 Per case directory: our model is loaded from the case's `release/` weights and memory, our step (stages/step.py) is
 scripted with the official step's random decisions (step kinds, evicted rows, retriever and long-term query lengths),
-run and backpropagated, and compared at float32 tolerance with what the official step computed: losses, the write
-passes, the memory the target read, the retriever's scores and positives, the memory after the step, the recorded
-gradients and the gradient norm of every trainable parameter, and which parameters got a gradient at all.
+run and backpropagated, and compared at float32 tolerance with what the official step computed: losses (with the
+retriever losses' positive and negative parts), the write passes, each pass's adapter and gradient mode, the memory
+the target read, the long-term rows each read retrieved and their order, the retriever's scores and positives, the
+memory after the step, the revisit cache after it, the recorded gradients and the gradient norm of every trainable
+parameter, and which parameters got a gradient at all.
 
 Where we deliberately differ (docs/official-differences.md, "Training-step parity"), the test checks our documented
 rule instead and says so in the assertion:
@@ -19,10 +21,11 @@ A case of several steps continues from the official memory before each step when
 
 from __future__ import annotations
 
+import ast
 import json
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pytest
 import torch
@@ -30,10 +33,14 @@ import torch
 from mplus_lightning import MemoryState, MPlus
 from mplus_lightning.config import StepConfig
 from mplus_lightning.data.sample import Sample
+from mplus_lightning.model.adapters import OFFICIAL_NAMES
 from mplus_lightning.model.formats import official_to_ours
-from mplus_lightning.stages.step import MemoryStep, ScriptedDecisions, StepResult
+from mplus_lightning.model.memory import LongTermMemory
+from mplus_lightning.model.retriever import retriever_bce_loss
+from mplus_lightning.stages.step import MemoryStep, RevisitCache, ScriptedDecisions, StepResult
 
 from .official_train import (
+    SITE,
     TRAIN_PREFIX,
     Case,
     OfficialStep,
@@ -89,6 +96,19 @@ def step_config(p: dict) -> StepConfig:
 
 # ---- running one case ------------------------------------------------------------------------------------------------
 @dataclass
+class Pass:
+    """One write or read pass of our step, as the official record describes its `inner_forwards`."""
+
+    is_injection: bool
+    input_len: int
+    grad_enabled: bool
+    adapters: set[str] = field(default_factory=set)
+    """Our adapter names the decoder layers ran with."""
+    retrieved: dict[int, torch.Tensor] = field(default_factory=dict)
+    """layer -> the long-term rows a read retrieved [m, d], in the order it placed them (copied)."""
+
+
+@dataclass
 class StepRun:
     """One official step and what our step did with the same decisions."""
 
@@ -109,6 +129,14 @@ class StepRun:
     deltas: list[torch.Tensor] = field(default_factory=list)
     reads: list[tuple] = field(default_factory=list)
     """(rows, positions, probe) of every read pass of the step (rows in slot order, copied)."""
+    passes: list[Pass] = field(default_factory=list)
+    """Every write and read pass, in call order."""
+    doc: int = -1
+    """The document number our step gave this sample (what its rows are stamped with)."""
+    cache: RevisitCache | None = None
+    """Our revisit cache after the step (a shallow copy)."""
+    row_stamps: torch.Tensor | None = None
+    """[L, N] which document wrote each slot, after the step."""
 
 
 @dataclass
@@ -165,16 +193,44 @@ def run_case(case: Case) -> Run:
     run = Run(case, model)
     write_pass, lm_loss = model.write_pass, model.lm_loss
     current: list[StepRun] = []
+    active: list[Pass] = []
 
     def recording_write(ids, previous):
-        delta = write_pass(ids, previous)
+        p = Pass(True, ids.shape[1], torch.is_grad_enabled())
+        current[-1].passes.append(p)
+        active.append(p)
+        try:
+            delta = write_pass(ids, previous)
+        finally:
+            active.pop()
         current[-1].deltas.append(delta.detach().clone())
         return delta
 
     def recording_read(ids, loss_mask, view, probe=None, **kwargs):
         current[-1].reads.append((view.rows.detach().clone(), view.positions.clone(), probe))
-        return lm_loss(ids, loss_mask, view, probe=probe, **kwargs)
+        p = Pass(False, ids.shape[1], torch.is_grad_enabled())
+        current[-1].passes.append(p)
+        ltm = view.ltm
+        if ltm is not None:   # which long-term rows each layer's read picks, in the order the read places them
+            def retrieve(layer, queries, k):
+                idx = LongTermMemory.retrieve(ltm, layer, queries, k)
+                assert layer not in p.retrieved and idx.shape[0] == 1
+                p.retrieved[layer] = ltm.view(layer)[0][idx[0]].detach().clone()
+                return idx
+            ltm.retrieve = retrieve
+        active.append(p)
+        try:
+            return lm_loss(ids, loss_mask, view, probe=probe, **kwargs)
+        finally:
+            active.pop()
+            if ltm is not None:
+                del ltm.retrieve
 
+    def record_adapter(_layer, _args, kwargs):
+        if active:
+            active[-1].adapters.add(kwargs.get("adapter"))
+
+    hooks = [layer.register_forward_pre_hook(record_adapter, with_kwargs=True) for layer in model.layers]
     model.write_pass, model.lm_loss = recording_write, recording_read
     try:
         for index, record in enumerate(case.record["steps"]):
@@ -204,9 +260,12 @@ def run_case(case: Case) -> Run:
             decisions.assert_consumed()
             s.grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
             s.after = memory.clone()
+            s.doc, s.cache, s.row_stamps = step.docs_seen - 1, replace(step.revisit), step.row_stamps.clone()
             run.steps.append(s)
     finally:
         del model.write_pass, model.lm_loss
+        for hook in hooks:
+            hook.remove()
     return run
 
 
@@ -254,6 +313,30 @@ def test_step_kind_and_write_passes(run):
             run.check(s, f"write {i}", delta, s.tensors[f"forward.{i}/delta_memory"])
 
 
+def _official_adapters(forward: dict) -> set[str]:
+    """Our adapter names behind an official inner forward's `adapter` (the active adapters, each a printed list)."""
+    return {OFFICIAL_NAMES[name] for printed in forward["adapter"] for name in ast.literal_eval(printed)}
+
+
+def test_passes_adapters_and_gradient_mode(run):
+    """Each official write and read (`inner_forwards`) against ours, in order: kind, input length, adapter, and whether
+    it ran with gradient."""
+    for s in run.steps:
+        official = s.record["inner_forwards"]
+        assert [(p.is_injection, p.input_len) for p in s.passes] == \
+            [(f["is_injection"], f["input_len"]) for f in official], f"step {s.index}: passes differ"
+        # The positional vector e enters only write passes, so its gradient says whether an official write kept one.
+        write_kept_gradient = s.record["grad_norms"][TRAIN_PREFIX + "new_memory_positional_emb"] is not None
+        for i, (ours, theirs) in enumerate(zip(s.passes, official)):
+            assert ours.adapters == _official_adapters(theirs), \
+                f"step {s.index}, pass {i}: our layers ran with {ours.adapters}, official {theirs['adapter']}"
+            # Deliberate: stage 2 writes ran with gradient officially but were detached; ours run without one.
+            expected = theirs["grad_enabled"] and (write_kept_gradient or not theirs["is_injection"])
+            assert ours.grad_enabled == expected, \
+                f"step {s.index}, pass {i}: ours ran with grad_enabled={ours.grad_enabled}, expected {expected} " \
+                f"(official grad_enabled={theirs['grad_enabled']}, a write kept its gradient: {write_kept_gradient})"
+
+
 def test_memory_the_target_read(run):
     """The rows the target read: the new block alone (single-chunk), else the official read of the pool; and the
     retriever's scores of those rows."""
@@ -292,6 +375,28 @@ def test_losses(run):
                 assert ours not in r.metrics
 
 
+def test_retriever_loss_parts(run):
+    """The positive and negative parts of each class-balanced BCE the official step logged, from our probe's scores and
+    labels; and our loss weighs them as (positive + lambda negative) / (1 + lambda), which lambda = 1 alone cannot
+    tell from a swapped weighting."""
+    for s in run.steps:
+        logged, positives = s.record["logged"], s.result.positives
+        probes = [probe for _, _, probe in s.reads if probe is not None]
+        for prefix, scores_of in (("selector/", lambda p: p.scores), ("selector/encoder_", lambda p: p.encoder_scores)):
+            if f"{prefix}positive_loss" not in logged:
+                assert not any(scores_of(p) for p in probes), f"step {s.index}: ours scored {prefix}, official did not"
+                continue
+            (probe,) = probes
+            w = torch.stack(scores_of(probe)).detach()                         # [L, N] in slot order, as positives
+            pos, neg = logged[f"{prefix}positive_loss"], logged[f"{prefix}negative_loss"]
+            # -log(w + 1e-5) and -log(1 - w + 1e-5), as the official parts (retriever_bce_loss's eps)
+            run.check(s, f"{prefix}positive_loss", -torch.log(w[positives] + 1e-5).mean(), torch.tensor(pos))
+            run.check(s, f"{prefix}negative_loss", -torch.log(1 - w[~positives] + 1e-5).mean(), torch.tensor(neg))
+            for weight in (0.0, 3.0):
+                run.check(s, f"{prefix}loss at negative weight {weight}", retriever_bce_loss(w, positives, weight),
+                          torch.tensor((pos + weight * neg) / (1 + weight)))
+
+
 def test_retriever_positives(run):
     """The retriever's positives are the rows this step wrote (official `cached_contexts_indicators`)."""
     for s in run.steps:
@@ -302,6 +407,32 @@ def test_retriever_positives(run):
         assert s.result.positives is not None, f"step {s.index}: the official step labelled rows, ours did not"
         ours = torch.gather(s.result.positives, 1, s.after.slots_in_rank_order()).float()
         assert ours.tolist() == indicators
+
+
+def test_revisit_cache_after_step(run):
+    """The official `cache_state_after`: whether the last step was a revisit (`last_indicator`), chunks injected since
+    the cached target (`nuc_length`), whether it is this step's target, and its retriever labels for a later revisit
+    (`cached_contexts_indicators`: the rows its sample wrote, which our row stamps follow)."""
+    kept_after_revisit = 0   # chunks of steps that kept the cache after a revisit since it was set
+    for s in run.steps:
+        official, c = s.record["cache_state_after"], s.cache
+        this_target = c.doc == s.doc
+        assert this_target == official["cached_sentence_is_this_target"], \
+            f"step {s.index}: our cache holds document {c.doc}, this step's is {s.doc}"
+        if this_target:
+            assert c.ids[0].tolist() == s.tensors["target_ids"][0].tolist(), f"step {s.index}: cached target ids"
+            kept_after_revisit = 0
+        elif s.official.flags.get("replace_cache") is False:
+            kept_after_revisit += s.official.num_chunks
+        assert int(c.last_step_was_revisit) == official["last_indicator"], f"step {s.index}: last_indicator"
+        # Deliberate: our counter also counts the chunks of steps that keep the cache after a revisit.
+        assert c.chunks_since - kept_after_revisit == official["nuc_length"], \
+            f"step {s.index}: {c.chunks_since} chunks since the cached target ({kept_after_revisit} of them from " \
+            f"steps that kept it after a revisit), official nuc_length {official['nuc_length']}"
+        indicators = official.get("cached_contexts_indicators")
+        if indicators is not None:
+            carried = torch.gather(s.row_stamps == c.doc, 1, s.after.slots_in_rank_order()).float()
+            assert carried.tolist() == indicators, f"step {s.index}: the labels a later revisit would use differ"
 
 
 def test_memory_after_step(run):
@@ -369,6 +500,44 @@ def test_long_term_memory_after_step(run):
                     assert theirs > ours, f"layer {l}: pool row {origin} has official age {theirs}, ours {ours}"
                 else:
                     assert theirs == ours, f"layer {l}: {origin} has official age {theirs}, ours {ours}"
+
+
+def test_long_term_rows_each_read_retrieved(run):
+    """Stage 3: per layer, the long-term rows each read retrieved (`ltm_indices_returned`, recorded in index order) are
+    ours, placed oldest first; with the staged rows, the official top-k (logged at get_ltm) is the set we read."""
+    for s in run.steps:
+        t = s.tensors
+        reads = [p for p in s.passes if not p.is_injection]
+        official = [f for f in s.record["inner_forwards"] if not f["is_injection"]]
+        topk = [d["result"] for d in s.record["random_decisions"] if d["site"].endswith(SITE["ltm_topk"])]
+        assert len(topk) == sum(len(f.get("ltm_indices_returned") or []) for f in official), "one top-k per layer"
+        for i, (ours, theirs) in enumerate(zip(reads, official)):
+            returned = theirs.get("ltm_indices_returned")
+            if returned is None:
+                assert not ours.retrieved, f"step {s.index}, read {i}: ours retrieved long-term rows, official not"
+                continue
+            assert sorted(ours.retrieved) == list(range(len(returned)))
+            layer_topk, topk = topk[: len(returned)], topk[len(returned):]
+            for l, indices in enumerate(returned):
+                # The official rows a read could pick: the long-term rows, then the staging buffer (both as after the
+                # step: the official stage 3 updates the pool before its read and nothing after).
+                candidates = torch.cat([t[f"after/ltm.{l}"], t["after/staged_rows"][l]])
+                rows = ours.retrieved[l]
+                match = torch.cdist(rows.double(), candidates.double()).argmin(dim=1)
+                run.check(s, f"ltm rows retrieved layer {l}", rows, candidates[match])
+                picked = match.tolist()
+                assert len(set(picked)) == len(picked), f"layer {l}: a long-term row retrieved twice: {picked}"
+                assert sorted(picked) == sorted(layer_topk[l]), \
+                    f"step {s.index}, layer {l}: we read rows {sorted(picked)}, the official top-k " \
+                    f"{sorted(layer_topk[l])} (long-term rows, then staged ones)"
+                ages = t[f"before/ltm_ages.{l}"].long().tolist()
+                assert len({ages[j] for j in indices}) == len(indices), "the fixture's long-term ages are distinct"
+                oldest_first = sorted(indices, key=lambda j: ages[j], reverse=True)
+                n_ltm = t[f"after/ltm.{l}"].shape[0]
+                ours_ltm = [j for j in picked if j < n_ltm]
+                assert ours_ltm == oldest_first, \
+                    f"step {s.index}, layer {l}: we placed long-term rows {ours_ltm}, official retrieved {indices} " \
+                    f"(oldest first by the official ages: {oldest_first})"
 
 
 def _ours(run: Run, official_name: str) -> list[str]:
