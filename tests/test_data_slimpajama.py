@@ -200,3 +200,15 @@ def test_bucket_stream_survives_pickling(slim_built, tok):
     first = [(s.doc_id, s.target.tolist()) for s in ds]  # opens file handles in this process
     assert len(first) == 2
     assert [(s.doc_id, s.target.tolist()) for s in pickle.loads(pickle.dumps(ds))] == first
+
+
+def test_buckets_take_a_document_at_their_lower_bound_and_not_at_their_upper(tmp_path):
+    # [lo, hi): a 4096-token document is in 4k-8k, an 8192-token one in 8k-16k
+    (tmp_path / sp.BUILD / sp.SCAN).mkdir(parents=True)
+    meta = {"file": "chunk1/example_train_0.jsonl.zst", "documents": 3, "bad_lines": 0, "first_bad_line": "",
+            "sets": ["s"], "counts": {}}
+    sp._save_scan(sp._scan_path(tmp_path, 0), meta, {"line": np.array([1, 2, 3]),
+                                                      "ntok": np.array([4096, 8191, 8192]), "set": np.array([0, 0, 0])})
+    _, _, selected = sp._select(tmp_path, [meta["file"]], per_bucket=5, val_per_bucket=0, seed=0)
+    assert sorted(selected["4k-8k"]) == [[0, 1], [0, 2]] and selected["8k-16k"] == [[0, 3]]
+    assert [sp._bin_of(n) for n in (4095, 4096, 8191, 8192)] == ["<4k", "4k-8k", "4k-8k", "8k-16k"]

@@ -246,3 +246,17 @@ def test_long_input_short_first_chunk_bos_and_middle():
     assert truncate(ids, 10, "tail") == ids[-10:] and truncate(ids, None) == ids
     with pytest.raises(ValueError, match="window_tokens"):
         build_long_input(ids, gen_tokens=8, window_tokens=8)
+
+
+def test_an_nq_answer_is_the_first_short_answer(tmp_path):
+    # as the official loader: annotations[0].short_answers[0]; the context is the long answer without HTML tokens
+    tokens = ["<P>", "Paris", "is", "the", "capital", "of", "France", "</P>"]
+    line = {"example_id": 7, "question_text": "capital of france",
+            "document_tokens": [{"token": t, "html_token": t.startswith("<")} for t in tokens],
+            "annotations": [{"long_answer": {"start_token": 0, "end_token": 8},
+                             "short_answers": [{"start_token": 1, "end_token": 2},
+                                               {"start_token": 6, "end_token": 7}]}]}
+    path = tmp_path / "nq.jsonl"
+    path.write_text(json.dumps(line) + "\n")
+    (item,) = read_nq(path)
+    assert item.answer == "Paris" and item.context == "Paris is the capital of France"

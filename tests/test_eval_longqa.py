@@ -2,12 +2,13 @@
 
 import json
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from mplus_lightning.data.eval_sets.longbench import build_long_input
-from mplus_lightning.eval import runtime
+from mplus_lightning.eval import longqa, runtime
 from mplus_lightning.eval.cost import PeakMemory
 from mplus_lightning.eval.metrics import longbench_score, qa_f1
 from mplus_lightning.evaluate import main
@@ -140,3 +141,46 @@ def test_peak_memory_sees_an_allocation_on_cpu():
         time.sleep(0.05)
     assert pm.delta_mb > 40 and pm.peak_mb > pm.delta_mb and "RSS" in pm.metric
     del x
+
+
+class _FixedTokenizer:
+    """encode: ' x' -> [20], ' y' -> [21], anything else [5]; decode: always the text it was built with."""
+
+    def __init__(self, text: str = ""):
+        self.text = text
+
+    def encode(self, text, add_special_tokens=False):
+        return {" x": [20], " y": [21]}.get(text, [5])
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.text
+
+
+def test_truncate_at_newline_scores_the_first_non_empty_line():
+    # as official LongBench: prediction.lstrip("\n").split("\n")[0]; the record keeps the whole generation
+    work = longqa.Work("hotpotqa", "0", "p", ["Paris"], 8)
+    record = longqa._answer(SimpleNamespace(truncate_at_newline=True), _FixedTokenizer("\n\nParis\nand more words"),
+                            work, [3, 4], generate=lambda n: [7], last_logits=None, seq_logits=None)
+    assert record["qa_f1"] == 1.0 and record["prediction"] == "\n\nParis\nand more words"
+
+
+def test_loglik_scores_each_option_token_by_the_logits_of_the_position_before_it():
+    # logits at index i predict token i + 1: an option's first token is scored at len(window) - 1, not at its own
+    window, vocab = [10, 11, 12], 32
+    work = longqa.Work("longbook_event_qa", "0", "p", [], 1, options=["x", "y"], answer_index=1)
+
+    def seq_logits(seqs):
+        out = []
+        for seq in seqs:
+            logits = torch.zeros(len(seq), vocab)
+            right = seq[-1] == 21
+            logits[len(window) - 1, seq[-1]] = 8.0 if right else -8.0   # the position that predicts the option
+            logits[len(window), seq[-1]] = -8.0 if right else 8.0       # the option's own position: the wrong one
+            out.append(logits)
+        return out
+
+    record = longqa._answer(SimpleNamespace(event_scoring="loglik"), _FixedTokenizer(), work, window, generate=None,
+                            last_logits=None, seq_logits=seq_logits)
+    assert record["choice"] == 1 and record["correct"] == 1
+    expected = torch.log_softmax(torch.tensor([0.0] * 21 + [8.0] + [0.0] * 10), -1)[21]
+    assert record["scores"][1] == pytest.approx(float(expected), abs=1e-5)

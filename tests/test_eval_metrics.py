@@ -91,3 +91,8 @@ def test_torchmetrics_accumulate_reset_and_merge():
     acc.update([1, 2, 3, 0], [1, 2, 0, 0])
     assert float(acc.compute()) == pytest.approx(0.75)
     assert isinstance(acc.compute(), torch.Tensor)
+
+
+def test_qa_f1_counts_repeated_tokens_on_both_sides():
+    # multiset overlap: 'cat cat' in 'cat cat dog' overlaps 2 -> P 1, R 2/3, F1 0.8 (a set overlap would give 0.4)
+    assert qa_f1("cat cat", "cat cat dog") == pytest.approx(0.8)

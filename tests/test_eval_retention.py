@@ -6,10 +6,12 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from mplus_lightning import tiny_config
 from mplus_lightning.eval import retention
 from mplus_lightning.eval.io import ResultStore
 from mplus_lightning.eval.metrics import exact_hit, qa_f1
@@ -210,3 +212,18 @@ def test_official_release_directories(env, tmp_path, release, modes):
                  "--out", str(out), *TINY_RETENTION, "num_items=2"]) == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["modes"]) == modes and res["num_items"] == 2
+
+
+def test_the_theory_curve_starts_at_the_first_point_and_decays_by_the_surviving_fraction():
+    # a_t = a_b + (a_u - a_b) * ((N - K) / N) ** (injections_t - injections_0), a_u the first point, a_b borderline
+    config = tiny_config()                       # N = 32, K = 8: a row survives an injection with 0.75
+    store = {("borderline", "a"): {"exact_hit": 0, "qa_f1": 0.2},
+             ("mplus", "a"): {"points": [
+                 {"exact_hit": 1, "qa_f1": 1.0, "tokens": 0, "injections": 0},
+                 {"exact_hit": 1, "qa_f1": 0.6, "tokens": 40, "injections": 2},
+                 {"exact_hit": 0, "qa_f1": 0.2, "tokens": 100, "injections": 5}]}}
+    out = retention.summarize(SimpleNamespace(store=store), ["a"], ["mplus"], [0, 40, 100],
+                              SimpleNamespace(borderline=True, model="m"), "squad", config)
+    theory = out["theory"]["mplus"]
+    assert theory["qa_f1"] == pytest.approx([1.0, 0.2 + 0.8 * 0.75 ** 2, 0.2 + 0.8 * 0.75 ** 5])
+    assert theory["exact_hit"] == pytest.approx([1.0, 0.75 ** 2, 0.75 ** 5])

@@ -16,12 +16,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from mplus_lightning.data.eval_sets.retention import read_squad, resolve_layout
 from mplus_lightning.data.files import BadLines, DamagedFileError, DataFormatError, iter_jsonl, load_json
-from mplus_lightning.data.fineweb import FineWebDataModule, fallback_cache_root
+from mplus_lightning.data.fineweb import FineWebDataModule, fallback_cache_root, iter_texts
 from mplus_lightning.data.slimpajama import BucketDocuments, build_buckets, main as slimpajama_main
 from mplus_lightning.data.tokenizer import load_tokenizer
 from mplus_lightning.eval.fingerprint import file_fingerprint
@@ -410,3 +412,22 @@ def test_fingerprint_sees_new_weights_of_equal_size_and_time_but_not_the_time(tm
     big_file.write_bytes(rows.tobytes())
     fp = file_fingerprint(big_file)
     assert fp.startswith("sampled:") and fp == file_fingerprint(big_file)
+
+
+def test_jsonl_line_numbers_are_the_files_own_blank_lines_included(tmp_path):
+    # the SlimPajama builder copies documents by these numbers: a blank line must count
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"text": "a"}\n\n   \n{"text": "b"}\n{bad\n')
+    got = []
+    with pytest.raises(DataFormatError, match=r"x\.jsonl:5: malformed JSON"):
+        for lineno, obj in iter_jsonl(path):
+            got.append((lineno, obj["text"]))
+    assert got == [(1, "a"), (4, "b")]
+
+
+def test_parquet_rows_keep_their_numbers_after_a_skipped_row(tmp_path):
+    path = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"text": ["a", None, "c"]}), path)
+    bad = BadLines()
+    assert list(iter_texts(path, on_bad_line="skip", bad=bad)) == [(0, "a"), (2, "c")]
+    assert bad.count == 1 and "row 1" in bad.first

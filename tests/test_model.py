@@ -4,6 +4,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from mplus_lightning import MemoryState, MPlus, tiny_config
+from mplus_lightning.model import decoding, mplus
+from mplus_lightning.model.mplus import MemoryKVCache, ReadView
 from mplus_lightning.model.retriever import mean_sigmoid_scores, retriever_bce_loss, select_oldest_first
 
 from .conftest import filled, random_ids, randomize_adapters
@@ -94,7 +96,8 @@ def test_retriever_bce_loss_is_class_balanced():
 def test_incremental_generation_equals_recomputing_the_read_pass(ltm_blocks):
     torch.manual_seed(0)
     model = randomize_adapters(MPlus(tiny_config(num_ltm_blocks=ltm_blocks, num_blocks=4 + ltm_blocks)).eval())
-    mem = filled(model, chunks=3)   # LTM holds <= K0 rows, so a longer read retrieves the same rows
+    # the LTM holds exactly K0 rows, so a longer read retrieves the same rows (fewer than K0: the tests below)
+    mem = filled(model, chunks=3)
     prompt = random_ids(9, batch=2, seed=3)
     out = model.generate(mem, prompt, max_new_tokens=6, eos_token_id=None)
     full = model.read(mem, out[:, :-1])
@@ -259,3 +262,74 @@ def test_the_lm_loss_is_taken_on_float32_logits_when_the_model_runs_in_bfloat16(
     assert logits.dtype == torch.bfloat16
     want = torch.nn.functional.cross_entropy(logits.float(), ids[0, 1:])
     torch.testing.assert_close(loss.detach(), want, rtol=0.02, atol=0.02)
+
+
+def _tiny_eval_model() -> MPlus:
+    torch.manual_seed(0)
+    return randomize_adapters(MPlus(tiny_config()).eval())
+
+
+def test_fewer_than_k0_retrieved_rows_sit_right_before_the_short_term_rows():
+    # m < K0 stored long-term rows: they take positions 1+K0-m .. K0 (oldest first), so that the short-term rows and
+    # the prompt keep theirs; equal to an explicit view of those rows at those positions.
+    model = _tiny_eval_model()
+    memory = filled(model, chunks=2)
+    K0, N, m = model.config.ltm_read_rows, memory.size, memory.ltm.size
+    assert 0 < m < K0
+    ids = random_ids(10, seed=4)
+    rows, positions = [], []
+    for l in range(memory.num_layers):
+        ltm_rows, _, ages = memory.ltm.view(l)
+        oldest_first = torch.argsort(ages, stable=True).flip(0)
+        rows.append(torch.cat([ltm_rows[oldest_first], memory.rows[l]]))
+        positions.append(torch.cat([torch.arange(1 + K0 - m, 1 + K0), 1 + K0 + memory.ranks[l]]))
+    view = ReadView(rows=torch.stack(rows), positions=torch.stack(positions), query_start=1 + K0 + N,
+                    adapter=model.read_adapter)
+    with torch.no_grad():
+        expected = model._logits(model._read_layers(view, model._embed(ids), MemoryKVCache(len(model.layers))))
+    torch.testing.assert_close(model.read(memory, ids), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_each_decode_step_with_fewer_than_k0_long_term_rows_equals_a_read_of_the_tokens_so_far(monkeypatch):
+    # The logits, not only the greedy tokens: a position shift of the new tokens can leave the argmax unchanged.
+    model = _tiny_eval_model()
+    memory = filled(model, chunks=2)
+    assert 0 < memory.ltm.size < model.config.ltm_read_rows
+    prompt = random_ids(9, batch=2, seed=3)
+    logits = []
+
+    def recording_loop(first, step, max_new_tokens, **kwargs):
+        def recorded(tokens, i):
+            out = step(tokens, i)
+            logits.append(out.clone())
+            return out
+        return decoding.decode_loop(first, recorded, max_new_tokens, **kwargs)
+
+    monkeypatch.setattr(mplus, "decode_loop", recording_loop)
+    out = model.generate(memory, prompt, max_new_tokens=6, eos_token_id=None)
+    assert len(logits) == 5
+    for i, step_logits in enumerate(logits):
+        whole = model.read(memory, out[:, : 9 + i + 1], logits_to_keep=1)[:, -1]
+        torch.testing.assert_close(step_logits, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_retrieval_queries_go_through_the_layers_input_rmsnorm():
+    # The picked rows are the top K0 of mean sigmoid(f_q(RMSNorm_in(h)) . key), also for states far from unit RMS
+    # and norm weights far from 1 (where the official fixtures cannot tell the norm from none).
+    model = _tiny_eval_model()
+    memory = filled(model, chunks=6)
+    K0, d = model.config.ltm_read_rows, model.config.hidden_size
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.input_layernorm.weight.copy_(torch.rand(d, generator=g) * 2 + 0.1)
+        h = torch.randn(2, 6, d, generator=g) * torch.tensor([0.05, 40.0])[:, None, None]
+        for l, layer in enumerate(model.layers):
+            picked, rescaled = [], []
+            MPlus._retrieve(layer, l, h, memory.ltm, K0, picked)
+            _, keys, ages = memory.ltm.view(l)
+            want = select_oldest_first(mean_sigmoid_scores(layer.retriever.query_proj(layer.input_layernorm(h)), keys),
+                                       ages, K0)
+            assert torch.equal(picked[0], want), l
+            MPlus._retrieve(layer, l, h * 25, memory.ltm, K0, rescaled)   # RMSNorm: the states' scale does not matter
+            assert torch.equal(rescaled[0], want), l
