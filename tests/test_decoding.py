@@ -3,12 +3,13 @@ MPlus.generate's decode steps (the read adapter folded into the weights, a stati
 import pytest
 import torch
 
+from mplus_lightning import MPlus, tiny_config
 from mplus_lightning.eval import runtime
 from mplus_lightning.model import decoding, mplus
 from mplus_lightning.model.adapters import lora_modules
 from mplus_lightning.model.decoding import decode_loop, pick_token
 
-from .conftest import random_ids
+from .conftest import filled, random_ids, randomize_adapters
 
 
 def scripted(rows: list[list[int]], vocab: int = 10):
@@ -170,3 +171,18 @@ def test_folding_computes_w_plus_scaled_b_a_and_leaves_the_module_alone(tiny_mod
     x = torch.randn(3, q.in_features)
     q._active_adapter = [READ]
     torch.testing.assert_close(folded(x), q(x), rtol=1e-5, atol=1e-5)
+
+
+def test_each_decode_step_with_fewer_than_k0_long_term_rows_equals_a_read_of_the_tokens_so_far(monkeypatch):
+    # m < K0 long-term rows sit at positions 1+K0-m .. K0, so the new tokens continue at 1+K0+N+n whatever m is; the
+    # logits are compared, not only the greedy tokens: a position shift can leave the argmax unchanged.
+    torch.manual_seed(0)
+    model = randomize_adapters(MPlus(tiny_config()).eval())
+    memory = filled(model, chunks=2)
+    assert 0 < memory.ltm.size < model.config.ltm_read_rows
+    prompt = random_ids(9, batch=2, seed=3)
+    out, logits = recording_generate(model, monkeypatch, memory, prompt, 6)
+    assert len(logits) == 5
+    for i, step_logits in enumerate(logits):
+        whole = model.read(memory, out[:, : 9 + i + 1], logits_to_keep=1)[:, -1]
+        torch.testing.assert_close(step_logits, whole, rtol=1e-5, atol=1e-5)

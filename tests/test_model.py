@@ -4,7 +4,6 @@ import torch
 from transformers import LlamaForCausalLM
 
 from mplus_lightning import MemoryState, MPlus, tiny_config
-from mplus_lightning.model import decoding, mplus
 from mplus_lightning.model.mplus import MemoryKVCache, ReadView
 from mplus_lightning.model.retriever import mean_sigmoid_scores, retriever_bce_loss, select_oldest_first
 
@@ -288,29 +287,6 @@ def test_fewer_than_k0_retrieved_rows_sit_right_before_the_short_term_rows():
     with torch.no_grad():
         expected = model._logits(model._read_layers(view, model._embed(ids), MemoryKVCache(len(model.layers))))
     torch.testing.assert_close(model.read(memory, ids), expected, rtol=1e-5, atol=1e-5)
-
-
-def test_each_decode_step_with_fewer_than_k0_long_term_rows_equals_a_read_of_the_tokens_so_far(monkeypatch):
-    # The logits, not only the greedy tokens: a position shift of the new tokens can leave the argmax unchanged.
-    model = _tiny_eval_model()
-    memory = filled(model, chunks=2)
-    assert 0 < memory.ltm.size < model.config.ltm_read_rows
-    prompt = random_ids(9, batch=2, seed=3)
-    logits = []
-
-    def recording_loop(first, step, max_new_tokens, **kwargs):
-        def recorded(tokens, i):
-            out = step(tokens, i)
-            logits.append(out.clone())
-            return out
-        return decoding.decode_loop(first, recorded, max_new_tokens, **kwargs)
-
-    monkeypatch.setattr(mplus, "decode_loop", recording_loop)
-    out = model.generate(memory, prompt, max_new_tokens=6, eos_token_id=None)
-    assert len(logits) == 5
-    for i, step_logits in enumerate(logits):
-        whole = model.read(memory, out[:, : 9 + i + 1], logits_to_keep=1)[:, -1]
-        torch.testing.assert_close(step_logits, whole, rtol=1e-5, atol=1e-5)
 
 
 def test_retrieval_queries_go_through_the_layers_input_rmsnorm():
