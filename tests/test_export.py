@@ -57,6 +57,14 @@ def test_official_fixture_reexported_matches_the_original_bytes(tmp_path):
     assert original.keys() == again.keys()
     for k in original:
         assert torch.equal(original[k], again[k]), k
+    # config.json: every field of the release, with its value (ltm_initial_size: the rows stored, which the official
+    # loader sizes its long-term tensors from), but transformers' own bookkeeping
+    config = json.loads((src / "config.json").read_text())
+    config_again = json.loads((tmp_path / "again" / "config.json").read_text())
+    assert config_again["ltm_initial_size"] == mem.ltm.size
+    bookkeeping = {"transformers_version", "_attn_implementation_autoset"}
+    assert {k: config_again.get(k, "missing") for k in config.keys() - bookkeeping} == \
+        {k: v for k, v in config.items() if k not in bookkeeping}
 
 
 def test_sharded_checkpoint_loads_like_the_single_file(tmp_path):

@@ -130,6 +130,10 @@ def save_official(model: nn.Module, memory: MemoryState, out_dir) -> None:
     if model.config.has_ltm:
         d.update(ltm_initial_size=memory.ltm.size, update_ltm_mode="immediate", update_ltm_frequency=60,
                  initial_rf_when_moving_stm_to_ltm=int(RELEASE_RECALL_FREQUENCY), decay_frequency=1)
+    if model.config.add_selector:
+        # How our retriever works, in the release's words: it reads the layer's hidden states (the official eager
+        # attention path reads this flag), detached from the LM loss.
+        d.update(map_from_hidden_states=True, detach_hidden_state=True)
     (out / "config.json").write_text(json.dumps(d, indent=2))
     tensors: dict[str, torch.Tensor] = {}
     bos = []
