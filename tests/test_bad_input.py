@@ -125,6 +125,8 @@ def test_an_unsupported_transformers_is_named_with_the_fix():
     ("optim.lr=-1", "optim.lr"), ("optim.selector_lr=0", "optim.selector_lr"),
     ("optim.weight_decay=-0.1", "optim.weight_decay"), ("trainer.ckpt_every_n_steps=0", "trainer.ckpt_every_n_steps"),
     ("model.lora_r=0", "model.lora_r"), ("model.lora_alpha=0", "model.lora_alpha"),
+    *((f"step.{key}={value}", f"step.{key}") for key in ("full_context_ratio", "multi_chunk_ratio", "pass_ratio",
+                                                          "empty_prob") for value in ("1.5", "-0.1")),
 ])
 def test_out_of_range_run_config_values_name_the_key(override, key):
     from mplus_lightning import config as config_lib
@@ -217,3 +219,12 @@ def test_debug_shows_the_traceback_of_a_user_error(monkeypatch, capsys):
     assert evaluate.main(["cost", "no_such_key=1"]) == 2
     with pytest.raises(ConfigError):
         evaluate.main(["cost", "--debug", "no_such_key=1"])
+
+
+def test_only_a_true_mplus_debug_shows_tracebacks(monkeypatch):
+    from mplus_lightning.typed_config import show_traceback
+
+    monkeypatch.setenv("MPLUS_DEBUG", "0")
+    assert show_traceback(False) is False and show_traceback(True) is True
+    monkeypatch.setenv("MPLUS_DEBUG", "1")
+    assert show_traceback(False) is True

@@ -4,8 +4,10 @@ every key documented (--describe, commented --print-config)."""
 import dataclasses
 
 import pytest
+import torch
 
 from mplus_lightning.eval.config import TASKS, ConfigError, default_yaml, load_config
+from mplus_lightning.eval.runtime import resolve_dtype
 from mplus_lightning.evaluate import main
 from mplus_lightning.typed_config import field_docs
 
@@ -75,3 +77,22 @@ def test_describe_lists_a_task_config(capsys):
     assert out.startswith("max_new_tokens: dict[str, int] = {") and "subsets" not in out
     assert main(["cost", "--describe", "distances"]) == 2
     assert "no config key or group 'distances'" in capsys.readouterr().err
+
+
+FLAGS = [(["--limit", "3"], "limit", 3), (["--device", "cpu"], "device", "cpu"), (["--dtype", "fp16"], "dtype", "fp16"),
+         (["--tokenizer", "tok"], "tokenizer", "tok"), (["--out", "o"], "out", "o"), (["--data", "d"], "data", "d"),
+         (["--overwrite"], "overwrite", True), (["--no-progress"], "progress", False)]
+
+
+@pytest.mark.parametrize("argv, key, value", FLAGS, ids=[f[1] for f in FLAGS])
+def test_each_command_line_flag_reaches_the_config(argv, key, value, tmp_path, capsys):
+    assert main(["retention", "--model", "m", *argv, "--print-config"]) == 0
+    (tmp_path / "c.yaml").write_text(capsys.readouterr().out)
+    assert getattr(load_config("retention", tmp_path / "c.yaml", use_default_yaml=False), key) == value
+
+
+@pytest.mark.parametrize("name, dtype", [("float32", torch.float32), ("fp32", torch.float32),
+                                         ("bfloat16", torch.bfloat16), ("bf16", torch.bfloat16),
+                                         ("float16", torch.float16), ("fp16", torch.float16)])
+def test_dtype_names_resolve(name, dtype):
+    assert resolve_dtype(name, torch.device("cpu")) is dtype

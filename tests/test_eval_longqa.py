@@ -1,5 +1,6 @@
 """LongBench, LongBook QA / Event-QA and cost runs end to end on a tiny random checkpoint."""
 
+import itertools
 import json
 import time
 from types import SimpleNamespace
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from mplus_lightning.data.eval_sets.longbench import build_long_input
-from mplus_lightning.eval import longqa, runtime
+from mplus_lightning.eval import cost, longqa, runtime
 from mplus_lightning.eval.cost import PeakMemory
 from mplus_lightning.eval.metrics import longbench_score, qa_f1
 from mplus_lightning.evaluate import main
@@ -184,3 +185,24 @@ def test_loglik_scores_each_option_token_by_the_logits_of_the_position_before_it
     assert record["choice"] == 1 and record["correct"] == 1
     expected = torch.log_softmax(torch.tensor([0.0] * 21 + [8.0] + [0.0] * 10), -1)[21]
     assert record["scores"][1] == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_the_cost_latency_is_the_best_of_the_repeats(tmp_path, monkeypatch):
+    # a clock whose timed calls last 5, 1 and 3 s in turn: with repeats=3 every row reports 1 s
+    model_dir, _ = make_env(tmp_path / "env")
+    durations = itertools.cycle([5.0, 1.0, 3.0])
+    clock = {"t": 0.0, "start": True}
+
+    def perf_counter():
+        if not clock["start"]:          # the end of a timed call: add that repeat's duration
+            clock["t"] += next(durations)
+        clock["start"] = not clock["start"]
+        return clock["t"]
+
+    monkeypatch.setattr(cost, "time", SimpleNamespace(perf_counter=perf_counter))
+    out = tmp_path / "cost"
+    assert main(["cost", "--model", str(model_dir), "--out", str(out), "--no-progress", "lengths=[96]",
+                 "window_tokens=64", "chunk_tokens=16", "prefill_block=32", "repeats=3", "warmup=false",
+                 "tensorboard=false", "methods=[memoryllm,window]"]) == 0
+    rows = json.loads((out / "cost.json").read_text())["rows"]
+    assert len(rows) == 2 and all(r["latency_s"] == pytest.approx(1.0) for r in rows), rows

@@ -1,10 +1,22 @@
 """Evaluation runtime: memory isolation between items, the MemoryLLM mode, and the plain-window backbone."""
 
+import json
+from dataclasses import dataclass
+
+import pytest
 import torch
 from transformers import LlamaForCausalLM
 
 from mplus_lightning.eval import runtime
-from mplus_lightning.eval.runtime import Backbone, inject, item_generator, memory_view, start_memory
+from mplus_lightning.eval.runtime import (
+    Backbone,
+    EvalInputError,
+    RunDir,
+    inject,
+    item_generator,
+    memory_view,
+    start_memory,
+)
 from tests.test_eval_fixtures import (
     make_model,
     one_thread_per_test,  # noqa: F401  (autouse: one torch thread per test)
@@ -104,3 +116,35 @@ def test_backbone_equals_the_plain_llama_without_lora(monkeypatch):
     # sanity: with an adapter active the same call differs (so the comparison above can fail)
     monkeypatch.setattr(runtime, "BACKBONE_ADAPTER", "read")
     assert not torch.allclose(Backbone(model).forward_logits(seq), ref, atol=1e-4)
+
+
+@dataclass
+class _RunInputs:
+    """What a RunDir fingerprints of an evaluation's config."""
+
+    model: str | None = None
+    tokenizer: str | None = None
+    seed: int = 0
+
+
+def test_overwrite_discards_the_part_files_an_interrupted_multi_rank_run_left(tmp_path):
+    out = tmp_path / "out"
+    run = RunDir(out, "retention", _RunInputs(), {"seed": 0}, ("id",))
+    run.store.add({"id": "a", "score": 1})
+    run.part_file(1).write_text(json.dumps({"id": "b", "score": 2}) + "\n")   # rank 1's results, never merged
+    fresh = RunDir(out, "retention", _RunInputs(seed=1), {"seed": 1}, ("id",), overwrite=True)
+    assert len(fresh.store) == 0 and not fresh.parts()
+
+
+def test_results_are_not_resumed_after_a_separate_tokenizer_changed(tmp_path):
+    model, tok = tmp_path / "model", tmp_path / "tok"
+    model.mkdir()
+    tok.mkdir()
+    (model / "config.json").write_text("{}")
+    (tok / "tokenizer.json").write_text('{"v": 1}')
+    inputs = _RunInputs(model=str(model), tokenizer=str(tok))
+    RunDir(tmp_path / "out", "retention", inputs, {"seed": 0}, ("id",)).store.add({"id": "a"})
+    RunDir(tmp_path / "out", "retention", inputs, {"seed": 0}, ("id",))          # unchanged: resumes
+    (tok / "tokenizer.json").write_text('{"v": 2}')
+    with pytest.raises(EvalInputError, match=r"contents of the tokenizer: .*tokenizer\.json changed since"):
+        RunDir(tmp_path / "out", "retention", inputs, {"seed": 0}, ("id",))

@@ -170,3 +170,20 @@ def test_full_size_configs_state_the_official_data_recipe(name):
         stated.update(ratios=ratios, longdoc_min_length=384)
     assert {k: raw.get(k) for k in stated} == stated, "written in the YAML, not left to defaults"
     assert C.load(ROOT / "experiments" / name).data.kind == kind
+
+
+SCHEDULE_STAGES_1_2 = [[0, 50], [100_000, 100], [200_000, 200]]
+OFFICIAL_STEP = {   # full_context, multi_chunk, pass, empty_prob, one-chunk gradient, retriever loss, chunk schedule
+    "stage1.yaml": (0.1, 0.8, 0.8, 1.0, True, False, SCHEDULE_STAGES_1_2),
+    "stage2.yaml": (0.05, 0.9, 0.8, 1.0, True, True, SCHEDULE_STAGES_1_2),
+    "ltm.yaml": (0.05, 0.8, 0.8, 0.2, False, True, [[0, 100], [20_000, 200]]),
+    "ltm_2x8.yaml": (0.05, 0.8, 0.8, 0.2, False, True, [[0, 100], [20_000, 200]]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(OFFICIAL_STEP))
+def test_the_full_size_configs_state_the_official_step_recipe_of_their_stage(name):
+    s = C.load(ROOT / "experiments" / name).step
+    assert (s.full_context_ratio, s.multi_chunk_ratio, s.pass_ratio, s.empty_prob, s.single_chunk_gradient,
+            s.retriever_loss, s.num_contexts_schedule) == OFFICIAL_STEP[name]
+    assert s.revisit is True

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from mplus_lightning import checkpointing as ck, config as C, fit
 from mplus_lightning.checkpointing import CheckpointError
@@ -197,3 +198,22 @@ def test_a_tensor_frozen_now_but_trained_in_the_saved_run_is_refused(runs):
                                                                         if k != dropped}}}
     with pytest.raises(CheckpointError, match=rf"tensor {dropped} is not part of the saved backbone"):
         ck.restore_frozen_backbone(trained, frozen, "model.ckpt")
+
+
+@pytest.mark.slow
+def test_export_with_backbone_of_a_run_that_started_from_a_llama_directory(tmp_path, capsys):
+    # The run names model.path (not init_from) as its backbone's source: --backbone must replace that key.
+    cfg = C.load(ROOT / "experiments" / "tiny.yaml",
+                 [f"run_dir={tmp_path}", "name=llama-run", "model.init=llama", f"model.path={tmp_path / 'llama'}",
+                  "trainer.max_steps=1", "trainer.ckpt_every_n_steps=1", *QUIET])
+    torch.manual_seed(5)
+    llama = LlamaForCausalLM(LlamaConfig(**cfg.model.llama))
+    llama.save_pretrained(tmp_path / "llama")
+    fit.run(cfg)
+    (found,) = ck.list_units(cfg.out_dir / "checkpoints")
+    assert ck.read_lightning_checkpoint(found.model)[ck.FROZEN_BACKBONE]["source_key"] == "model.path"
+    shutil.move(tmp_path / "llama", tmp_path / "moved-llama")
+    assert export_main([str(found.path), str(tmp_path / "out"), "--backbone", str(tmp_path / "moved-llama")]) == 0, \
+        capsys.readouterr().err
+    weights = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert torch.equal(weights["llama.model.embed_tokens.weight"], llama.model.embed_tokens.weight.detach())

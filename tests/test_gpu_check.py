@@ -1,4 +1,5 @@
 """`python -m mplus_lightning.gpu_check`: the tiny shape runs on CPU end to end (what a GPU run does at 8B size)."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -6,8 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from mplus_lightning import gpu_check
+from mplus_lightning.bench import SHAPES, random_ids
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,3 +73,26 @@ def test_verdicts_compare_the_best_placement_with_each_target():
     assert gpu_check.verdicts(result(12.0, 41.0, [0.6, 0.4], 23.0)) == {
         "decode_ms_per_token": False, "prefill_ms": False, "training_mfu_ratio_to_plain": False,
         "peak_gib_ltm_on_host": False}
+
+
+def test_the_decode_latency_per_token_is_the_difference_of_the_two_timings_over_the_tokens_after_the_first(
+        monkeypatch):
+    work = gpu_check.WORKLOADS["tiny"]
+    shape = dataclasses.replace(SHAPES["tiny"], chunk_tokens=min(SHAPES["tiny"].chunk_tokens, work.inject_tokens))
+    device = torch.device("cpu")
+    model, memory = gpu_check.build(shape, work, device, torch.float32)
+    prompt = random_ids(shape, work.prompt_tokens, torch.Generator().manual_seed(2), device)
+    new = work.new_tokens
+    # prefill; then per fold: one token, `new` tokens (unfolded 5 ms a token after the first, folded 2 ms)
+    times = iter([0.004, 0.010, 0.010 + (new - 1) * 0.005, 0.008, 0.008 + (new - 1) * 0.002])
+    monkeypatch.setattr(gpu_check, "_median_time", lambda clock, fn, repeats: next(times))
+    out = gpu_check.check_placement(model, memory, shape, work, device, prompt, None)
+    assert out["prefill_ms"] == pytest.approx(4.0)
+    assert out["decode_ms_per_token_unfolded"] == pytest.approx(5.0)
+    assert out["decode_ms_per_token"] == pytest.approx(2.0) and out["decode_tokens_per_s"] == pytest.approx(500.0)
+
+
+def test_each_training_kinds_ratio_to_plain_is_its_rate_over_the_plain_llamas(tiny_result):
+    plain = tiny_result["training"]["plain_llama"]["tflops_per_s"]
+    for name, kind in tiny_result["training"]["kinds"].items():
+        assert kind["ratio_to_plain"] == pytest.approx(kind["tflops_per_s"] / plain, rel=1e-3), name

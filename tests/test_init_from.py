@@ -4,11 +4,12 @@ the backbone as built."""
 import logging
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from mplus_lightning import MPlus, config as C, fit, tiny_config
 from mplus_lightning.config import ConfigError
-from mplus_lightning.stages.build import build_model, built_config
+from mplus_lightning.stages.build import build_model, built_config, initial_memory
 
 from .test_experiments import ROOT
 
@@ -73,3 +74,17 @@ def test_a_run_logs_its_learning_rates_first_and_saves_the_backbone_it_built(tmp
     saved = C.load(cfg.out_dir / "config.yaml")
     assert saved.model.llama == EXPORTED, "config.yaml records the backbone the run built"
     assert saved == built_config(cfg, MPlus.from_pretrained(cfg.out_dir / "export"))
+
+
+def test_a_pretrained_init_starts_from_the_memory_stored_with_it(tmp_path):
+    torch.manual_seed(0)
+    model = MPlus(tiny_config(num_ltm_blocks=0, add_selector=False))
+    memory = model.new_memory(seed=3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        model.inject(memory, torch.randint(3, 512, (1, 20), generator=g), generator=g)
+    model.save_pretrained(tmp_path / "release", memory=memory)
+    cfg = C.load(ROOT / "experiments" / "tiny.yaml",
+                 [f"run_dir={tmp_path}", "model.init=pretrained", f"model.path={tmp_path / 'release'}"])
+    start = initial_memory(cfg, build_model(cfg), seed=0)
+    assert start.initialized and torch.equal(start.ordered_rows(), memory.ordered_rows())
