@@ -3,13 +3,12 @@ MPlus.generate's decode steps (the read adapter folded into the weights, a stati
 import pytest
 import torch
 
-from mplus_lightning import MPlus, tiny_config
 from mplus_lightning.eval import runtime
 from mplus_lightning.model import decoding, mplus
 from mplus_lightning.model.adapters import lora_modules
 from mplus_lightning.model.decoding import decode_loop, pick_token
 
-from .conftest import filled, random_ids, randomize_adapters
+from .conftest import filled, random_ids
 
 
 def scripted(rows: list[list[int]], vocab: int = 10):
@@ -173,11 +172,11 @@ def test_folding_computes_w_plus_scaled_b_a_and_leaves_the_module_alone(tiny_mod
     torch.testing.assert_close(folded(x), q(x), rtol=1e-5, atol=1e-5)
 
 
-def test_each_decode_step_with_fewer_than_k0_long_term_rows_equals_a_read_of_the_tokens_so_far(monkeypatch):
+def test_each_decode_step_with_fewer_than_k0_long_term_rows_equals_a_read_of_the_tokens_so_far(tiny_model,
+                                                                                                  monkeypatch):
     # m < K0 long-term rows sit at positions 1+K0-m .. K0, so the new tokens continue at 1+K0+N+n whatever m is; the
     # logits are compared, not only the greedy tokens: a position shift can leave the argmax unchanged.
-    torch.manual_seed(0)
-    model = randomize_adapters(MPlus(tiny_config()).eval())
+    model = tiny_model
     memory = filled(model, chunks=2)
     assert 0 < memory.ltm.size < model.config.ltm_read_rows
     prompt = random_ids(9, batch=2, seed=3)

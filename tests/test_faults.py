@@ -80,13 +80,14 @@ def copy_run(saved_run: Path, tmp_path: Path, name: str = "run") -> Path:
     return tmp_path / name
 
 
-def rewrite_manifest(unit: ck.Unit):
-    """What someone who controls the whole folder can do: make the manifest match the files again."""
+def rewrite_manifest(unit: ck.Unit, ranks: int | None = None):
+    """What someone who controls the whole folder can do: make the manifest match the files again (and, with
+    `ranks`, claim another number of rank states)."""
     manifest = json.loads((unit.path / ck.MANIFEST).read_text())
     tmp = unit.path.with_name(unit.path.name + ck.TMP)
     (unit.path / ck.MANIFEST).unlink()
     unit.path.rename(tmp)
-    ck.commit_unit(tmp, unit.step, manifest["id"], manifest["ranks"])
+    ck.commit_unit(tmp, unit.step, manifest["id"], manifest["ranks"] if ranks is None else ranks)
 
 
 # ---- kills ---------------------------------------------------------------------------------------------------------
@@ -205,11 +206,7 @@ def test_every_rank_verifies_its_own_state(saved_run, tmp_path):
     run = copy_run(saved_run, tmp_path)
     unit3 = ck.Unit(run / "checkpoints" / "step=000000003", 3)
     shutil.copy(unit3.rank_state(0), unit3.rank_state(1))
-    manifest = json.loads((unit3.path / ck.MANIFEST).read_text())
-    (unit3.path / ck.MANIFEST).unlink()
-    tmp = unit3.path.with_name(unit3.path.name + ck.TMP)
-    unit3.path.rename(tmp)
-    ck.commit_unit(tmp, 3, manifest["id"], 2)
+    rewrite_manifest(unit3, ranks=2)
     flip_bytes(unit3.rank_state(1))
     with pytest.raises(CheckpointError, match=rf"{unit3.rank_state(1)} does not match its checksum"):
         fit.prepare_run_folder(run_cfg(tmp_path, "run", "resume=last"), rank=1)

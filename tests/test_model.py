@@ -263,15 +263,10 @@ def test_the_lm_loss_is_taken_on_float32_logits_when_the_model_runs_in_bfloat16(
     torch.testing.assert_close(loss.detach(), want, rtol=0.02, atol=0.02)
 
 
-def _tiny_eval_model() -> MPlus:
-    torch.manual_seed(0)
-    return randomize_adapters(MPlus(tiny_config()).eval())
-
-
-def test_fewer_than_k0_retrieved_rows_sit_right_before_the_short_term_rows():
+def test_fewer_than_k0_retrieved_rows_sit_right_before_the_short_term_rows(tiny_model):
     # m < K0 stored long-term rows: they take positions 1+K0-m .. K0 (oldest first), so that the short-term rows and
     # the prompt keep theirs; equal to an explicit view of those rows at those positions.
-    model = _tiny_eval_model()
+    model = tiny_model
     memory = filled(model, chunks=2)
     K0, N, m = model.config.ltm_read_rows, memory.size, memory.ltm.size
     assert 0 < m < K0
@@ -289,10 +284,10 @@ def test_fewer_than_k0_retrieved_rows_sit_right_before_the_short_term_rows():
     torch.testing.assert_close(model.read(memory, ids), expected, rtol=1e-5, atol=1e-5)
 
 
-def test_retrieval_queries_go_through_the_layers_input_rmsnorm():
+def test_retrieval_queries_go_through_the_layers_input_rmsnorm(tiny_model):
     # The picked rows are the top K0 of mean sigmoid(f_q(RMSNorm_in(h)) . key), also for states far from unit RMS
     # and norm weights far from 1 (where the official fixtures cannot tell the norm from none).
-    model = _tiny_eval_model()
+    model = tiny_model
     memory = filled(model, chunks=6)
     K0, d = model.config.ltm_read_rows, model.config.hidden_size
     g = torch.Generator().manual_seed(7)

@@ -49,7 +49,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from .sample import Sample
-from .stream import TokenizedDataModule, collate_single, loader_generator
+from .stream import TokenizedDataModule, loader_generator
 from .tokenizer import encode
 
 FIRST_NAMES = (
@@ -656,7 +656,7 @@ class FactsDataModule(TokenizedDataModule):
             pad = self.encoder.eos if self.encoder.eos is not None else 0
             return DataLoader(dataset, batch_size=self.batch_size, collate_fn=InContextCollate(pad),
                               generator=loader_generator())
-        return DataLoader(dataset, batch_size=1, collate_fn=collate_single, generator=loader_generator())
+        return super().make_loader(dataset)
 
     def train_dataloader(self) -> DataLoader:
         # Built at every iter() from samples_consumed, so a resumed run (or Lightning's next epoch) continues.
